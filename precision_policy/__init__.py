@@ -1,0 +1,52 @@
+"""precision_policy: Ascend-style precision modes for TensorFlow and PyTorch.
+
+Example:
+    >>> import precision_policy as pp
+    >>> cfg = pp.RunConfig(precision_mode="allow_mix_precision", op_info="ascend910")
+    >>> plan = pp.plan("examples/graphs/conv2d_bias_relu.json", cfg)
+    >>> plan.summary()
+    'Converted 3/8 nodes to float16 precision using 1 cast(s) to float16 (excluding Const and Variable casts)'
+"""
+
+from precision_policy import dtypes, modes
+from precision_policy.api import plan
+from precision_policy.config import RunConfig
+from precision_policy.errors import (
+    ConfigError,
+    DTypeError,
+    GraphError,
+    OpInfoError,
+    OverrideError,
+    PlanFormatError,
+    PrecisionError,
+    PrecisionPolicyError,
+)
+from precision_policy.graph import Node, OpGraph, load_graph
+from precision_policy.opinfo import Library, OpInfo, load_library
+from precision_policy.plan import CastPlan, NodeDecision, PlanDiff
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CastPlan",
+    "ConfigError",
+    "DTypeError",
+    "GraphError",
+    "Library",
+    "Node",
+    "NodeDecision",
+    "OpGraph",
+    "OpInfo",
+    "OpInfoError",
+    "OverrideError",
+    "PlanDiff",
+    "PlanFormatError",
+    "PrecisionError",
+    "PrecisionPolicyError",
+    "RunConfig",
+    "dtypes",
+    "load_graph",
+    "load_library",
+    "modes",
+    "plan",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from precision_policy.cli import main
+
+sys.exit(main())

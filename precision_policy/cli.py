@@ -1,0 +1,277 @@
+"""The ``precision-policy`` command.
+
+Exit codes: 0 ok, 1 a precision error (the mode cannot be honoured), 2 bad usage or bad input.
+Every command prints for people; ``--json`` prints for machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from precision_policy import modes as modes_mod
+from precision_policy.errors import PrecisionError, PrecisionPolicyError
+
+EXIT_OK, EXIT_PRECISION, EXIT_USAGE = 0, 1, 2
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+
+
+def _table(rows: list[Sequence[str]], header: Sequence[str]) -> str:
+    widths = [max(len(str(r[k])) for r in [header, *rows]) for k in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_modes(args: argparse.Namespace) -> int:
+    rows = [(m.name, ", ".join(m.aliases) or "-", m.low, m.description) for m in modes_mod.all_modes()]
+    if args.json:
+        _print_json(
+            {
+                "modes": [{"name": n, "aliases": a.split(", ") if a != "-" else [], "low_dtype": lo, "description": d} for n, a, lo, d in rows],
+                "precision_mode_v2": modes_mod.V2_NAMES,
+                "default": modes_mod.DEFAULT_MODE,
+            }
+        )
+        return EXIT_OK
+    print(_table(rows, ("mode", "aliases", "low", "what it does")))
+    print(f"\ndefault: {modes_mod.DEFAULT_MODE}; precision_mode_v2 values: "
+          + ", ".join(f"{k} -> {v}" for k, v in sorted(modes_mod.V2_NAMES.items())))
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from precision_policy.opinfo import load_library
+
+    lib = load_library(args.library)
+    counts = lib.counts()
+    floats: dict[str, int] = {}
+    heavy = 0
+    for info in lib.values():
+        heavy += info.heavy
+        for d in info.float_dtypes:
+            floats[d] = floats.get(d, 0) + 1
+    result = {
+        "library": lib.name,
+        "files": [str(f) for f in lib.sources],
+        "ops": len(lib),
+        "white": counts["white"],
+        "black": counts["black"],
+        "gray": counts["gray"],
+        "heavy": heavy,
+        "ops_with_float_kernel": dict(sorted(floats.items())),
+    }
+    if args.json:
+        _print_json({"valid": True, **result})
+        return EXIT_OK
+    print(f"OK: {lib.name}: {len(lib)} op types in {len(lib.sources)} file(s)")
+    print(f"  white {counts['white']}, black {counts['black']}, gray {counts['gray']}; cube (heavyOp) {heavy}")
+    print("  ops with a kernel in: " + ", ".join(f"{d} {n}" for d, n in sorted(floats.items())))
+    return EXIT_OK
+
+
+def _config(args: argparse.Namespace):
+    from precision_policy.config import RunConfig
+
+    settings: dict[str, Any] = {"op_info": args.op_info}
+    if args.mode_v2:
+        settings["precision_mode_v2"] = args.mode_v2
+    if args.mode:
+        settings["precision_mode"] = args.mode
+    for key in ("modify_mixlist", "keep_dtype", "customize_dtypes"):
+        value = getattr(args, key)
+        if value is not None:
+            settings[key] = Path(value)
+    if args.fetch_low:
+        settings["keep_output_dtype"] = False
+    return RunConfig(**settings)
+
+
+def _plan(args: argparse.Namespace):
+    from precision_policy.api import plan
+    from precision_policy.graph import load_graph
+
+    config = _config(args)
+    graph = load_graph(args.graph)
+    return plan(graph, config)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    p = _plan(args)
+    if args.output:
+        p.to_json(args.output)
+    if args.json:
+        sys.stdout.write(p.to_json())
+        return EXIT_OK
+    print(p.summary())
+    converted = p.converted()
+    print(f"\nmode {p.mode_name}, op-info {p.library_name}: {len(converted)} op(s) converted, {len(p.casts)} cast(s) in all")
+    if converted:
+        rows = [(d.name, d.op_type, f"{d.origin} -> {d.dtype}", d.reason) for d in converted[: args.limit]]
+        print(_table(rows, ("node", "op", "dtype", "why")))
+        if len(converted) > args.limit:
+            print(f"... {len(converted) - args.limit} more (use --json for all)")
+    if p.casts:
+        rows = [(c.tensor, f"{c.from_dtype} -> {c.to}", c.kind + (", fetch" if c.for_fetch else ""), str(len(c.consumers)))
+                for c in p.casts[: args.limit]]
+        print("\ncasts:")
+        print(_table(rows, ("tensor", "dtype", "source", "consumers")))
+        if len(p.casts) > args.limit:
+            print(f"... {len(p.casts) - args.limit} more")
+    if p.unknown:
+        print("\nunknown op types (not in the op-info library; they keep their origin dtype — add them to decide):")
+        for op, nodes in sorted(p.unknown.items()):
+            print(f"  {op}: {len(nodes)} node(s), e.g. {nodes[0]}")
+    if p.warnings:
+        print("\nwarnings:")
+        for w in p.warnings:
+            print(f"  {w}")
+    if args.output:
+        print(f"\nplan written to {args.output}")
+    return EXIT_OK
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    p = _plan(args)
+    if args.json:
+        doc = p.to_dict()
+        _print_json({"summary": doc["summary"], "nodes": {n: doc["nodes"][p[n].name] for n in args.nodes},
+                     "explain": {n: p.explain(n) for n in args.nodes}})
+        return EXIT_OK
+    print(p.summary())
+    for name in args.nodes:
+        print()
+        print(p.explain(name))
+    return EXIT_OK
+
+
+def _edit(args: argparse.Namespace, flag: str | None) -> int:
+    from precision_policy.opinfo.edit import set_flag
+
+    result = set_flag(args.op_info, args.op, flag)
+    names = {"true": "white (true)", "false": "black (false)", None: "gray (no flag)"}
+    if args.json:
+        _print_json({"file": str(result.file), "op": result.op, "old_flag": result.old_flag, "new_flag": result.new_flag,
+                     "changed": result.changed, "created_op": result.created_op})
+        return EXIT_OK
+    if not result.changed:
+        print(f"{result.op}: already {names[result.new_flag]} in {result.file}; file unchanged")
+    else:
+        created = " (new entry)" if result.created_op else ""
+        print(f"{result.op}: {names[result.old_flag]} -> {names[result.new_flag]}{created} in {result.file}")
+    return EXIT_OK
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    return _edit(args, "false")
+
+
+def cmd_unpin(args: argparse.Namespace) -> int:
+    return _edit(args, None)
+
+
+def cmd_set_flag(args: argparse.Namespace) -> int:
+    return _edit(args, args.flag)
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from precision_policy.opinfo.schema import json_schema
+
+    _print_json(json_schema())
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="precision-policy",
+        description="Plan, explain and edit Ascend-style mixed precision for TensorFlow and PyTorch graphs.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log library warnings to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add_json(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", action="store_true", help="print JSON for machines")
+
+    p = sub.add_parser("modes", help="list the precision modes and their aliases")
+    add_json(p)
+    p.set_defaults(func=cmd_modes)
+
+    p = sub.add_parser("validate", help="check an op-info library (file, folder or shipped name)")
+    p.add_argument("library")
+    add_json(p)
+    p.set_defaults(func=cmd_validate)
+
+    def add_plan_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("graph", help="graph JSON file (TF .pb/.pbtxt/SavedModel when TensorFlow is installed)")
+        p.add_argument("--mode", help="precision_mode (e.g. allow_mix_precision); default allow_fp32_to_fp16")
+        p.add_argument("--mode-v2", help="precision_mode_v2 (e.g. mixed_float16); not with --mode")
+        p.add_argument("--op-info", default="ascend910", help="op-info library file, folder or shipped name (default ascend910)")
+        p.add_argument("--modify-mixlist", help="JSON moving op types between black/white/gray lists")
+        p.add_argument("--keep-dtype", help="file of op names / OpType::X lines that keep their origin dtype")
+        p.add_argument("--customize-dtypes", help="file of exact per-op dtypes")
+        p.add_argument("--fetch-low", action="store_true", help="let graph outputs stay in low precision (no cast back)")
+        add_json(p)
+
+    p = sub.add_parser("plan", help="plan a graph under a mode: summary, converted ops, casts, unknown ops")
+    add_plan_args(p)
+    p.add_argument("-o", "--output", help="also write the plan JSON to this file")
+    p.add_argument("--limit", type=int, default=50, help="rows to print per table (default 50)")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("explain", help="why these nodes run in the precision they do")
+    add_plan_args(p)
+    p.add_argument("nodes", nargs="+", metavar="NODE")
+    p.set_defaults(func=cmd_explain)
+
+    for name, func, text in (
+        ("pin", cmd_pin, 'pin an op type to its origin precision (precision_reduce.flag = "false")'),
+        ("unpin", cmd_unpin, "remove an op type's precision_reduce flag (gray: follows its producer)"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("op", metavar="OP", help="op type, e.g. Softmax")
+        p.add_argument("--op-info", required=True, help="op-info JSON file (or folder) to edit in place")
+        add_json(p)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("set-flag", help="set an op type's precision_reduce flag to true (white) or false (black)")
+    p.add_argument("op", metavar="OP")
+    p.add_argument("flag", choices=["true", "false"])
+    p.add_argument("--op-info", required=True, help="op-info JSON file (or folder) to edit in place")
+    add_json(p)
+    p.set_defaults(func=cmd_set_flag)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of the op-info format")
+    p.set_defaults(func=cmd_schema)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.verbose else logging.ERROR, format="%(levelname)s: %(message)s")
+    if getattr(args, "mode", None) and getattr(args, "mode_v2", None):
+        parser.error("--mode and --mode-v2 are both set; give one (precision_mode and precision_mode_v2 exclude each other)")
+    try:
+        return args.func(args)
+    except PrecisionError as exc:
+        print(f"precision-policy: precision error: {exc}", file=sys.stderr)
+        return EXIT_PRECISION
+    except PrecisionPolicyError as exc:
+        print(f"precision-policy: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:  # pragma: no cover - e.g. `| head`
+        return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

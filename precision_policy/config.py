@@ -1,0 +1,156 @@
+"""RunConfig: the one place a user states the precision policy.
+
+Mirrors Ascend's run-config fields: ``precision_mode`` *or* ``precision_mode_v2``,
+the op-info library, and the override files.
+
+Example:
+    >>> from precision_policy import RunConfig
+    >>> cfg = RunConfig(precision_mode="allow_mix_precision", op_info="ascend910")
+    >>> cfg.mode.name, cfg.mode.low
+    ('allow_mix_precision', 'float16')
+    >>> RunConfig(precision_mode_v2="mixed_bfloat16").mode.name
+    'allow_mix_precision_bf16'
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from precision_policy import modes
+from precision_policy.errors import ConfigError
+from precision_policy.modes.base import PrecisionMode
+from precision_policy.opinfo.library import Library, load_library
+from precision_policy.opinfo.overrides import (
+    Overrides,
+    env_flag_changes,
+    load_customize_dtypes,
+    load_keep_dtype,
+    load_mixlist,
+)
+
+DEFAULT_OP_INFO = "ascend910"
+
+
+class RunConfig(BaseModel):
+    """Precision settings for one model, validated on construction.
+
+    Attributes:
+        precision_mode: an Ascend mode name or alias (``allow_mix_precision``, ``force_fp16``, ...).
+        precision_mode_v2: the CANN v2 spelling (``mixed_float16``, ``origin``, ...). Not with precision_mode.
+        op_info: op-info library file, folder or shipped name (default ``ascend910``).
+        modify_mixlist: JSON moving op types between black/white/gray lists (mixed modes only).
+        keep_dtype: text file of op names / ``OpType::X`` lines that keep their origin dtype.
+        customize_dtypes: text file of exact per-op dtypes.
+        loss_scale: ``None``, ``"dynamic"``, a number, a preset name or a dict of parameters.
+        keep_output_dtype: graph outputs keep their origin dtype (a cast is added when needed).
+        use_env_lists: read TF's ``TF_AUTO_MIXED_PRECISION_GRAPH_REWRITE_*`` lists from ``env``.
+        env: the environment to read them from; None means ``os.environ`` at planning time.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    precision_mode: Optional[str] = None
+    precision_mode_v2: Optional[str] = None
+    op_info: Union[str, Path] = DEFAULT_OP_INFO
+    modify_mixlist: Optional[Path] = None
+    keep_dtype: Optional[Path] = None
+    customize_dtypes: Optional[Path] = None
+    loss_scale: Optional[Union[str, float, int, dict]] = None
+    keep_output_dtype: bool = True
+    use_env_lists: bool = True
+    env: Optional[dict[str, str]] = Field(default=None, repr=False)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err.get("loc", ())) or "RunConfig"
+            msg = err.get("msg", "invalid value")
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+            if err.get("type") == "extra_forbidden":
+                valid = ", ".join(RunConfig.model_fields)
+                msg = f"unknown setting; valid settings: {valid}"
+            raise ConfigError(f"RunConfig.{where}: {msg}") from None
+
+    @field_validator("precision_mode")
+    @classmethod
+    def _known_mode(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            modes.get(value)
+        return value
+
+    @field_validator("precision_mode_v2")
+    @classmethod
+    def _known_mode_v2(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            modes.get_v2(value)
+        return value
+
+    @field_validator("loss_scale")
+    @classmethod
+    def _loss_scale(cls, value: Any) -> Any:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not value > 0:
+            raise ValueError(f"a fixed loss scale must be a positive number, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> "RunConfig":
+        if self.precision_mode is not None and self.precision_mode_v2 is not None:
+            raise ValueError(
+                "precision_mode and precision_mode_v2 are both set; set one of them "
+                f"(precision_mode={self.precision_mode!r}, precision_mode_v2={self.precision_mode_v2!r})"
+            )
+        if self.modify_mixlist is not None and not self.mode.mixed:
+            raise ValueError(
+                f"modify_mixlist only applies to the mixed modes (allow_mix_precision, allow_mix_precision_bf16, "
+                f"mixed_float16, mixed_bfloat16), not {self.mode.name!r}"
+            )
+        return self
+
+    @property
+    def mode(self) -> PrecisionMode:
+        """The precision mode object (default allow_fp32_to_fp16, as on Ascend)."""
+        if self.precision_mode_v2 is not None:
+            return modes.get_v2(self.precision_mode_v2)
+        return modes.get(self.precision_mode or modes.DEFAULT_MODE)
+
+    def library(self) -> Library:
+        """Load (cached) the op-info library."""
+        return load_library(self.op_info)
+
+    def overrides(self, library: Library | None = None) -> Overrides:
+        """Load every override file and the env lists against ``library``."""
+        lib = library if library is not None else self.library()
+        ov = Overrides()
+        if self.modify_mixlist is not None:
+            ov.flags.update(load_mixlist(self.modify_mixlist, lib))
+        if self.use_env_lists and self.mode.mixed:
+            env: Mapping[str, str] = self.env if self.env is not None else os.environ
+            changes, warnings = env_flag_changes(env, lib, ov.flags)
+            ov.flags.update(changes)
+            ov.warnings.extend(warnings)
+        if self.keep_dtype is not None:
+            ov.keep_names, ov.keep_types = load_keep_dtype(self.keep_dtype)
+            for op in ov.keep_types:
+                if op not in lib:
+                    ov.warnings.append(f"keep_dtype: OpType::{op} is not in library {lib.name!r}")
+        if self.customize_dtypes is not None:
+            ov.custom_names, ov.custom_types = load_customize_dtypes(self.customize_dtypes)
+        return ov
+
+    def summary(self) -> dict[str, Any]:
+        """The settings that shaped a plan, for its JSON form (paths as given)."""
+        out: dict[str, Any] = {"precision_mode": self.mode.name, "op_info": str(self.op_info)}
+        for key in ("modify_mixlist", "keep_dtype", "customize_dtypes"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = str(value)
+        if not self.keep_output_dtype:
+            out["keep_output_dtype"] = False
+        return out

@@ -1,0 +1,385 @@
+"""The precision-mode policy object and the planner every mode shares.
+
+A mode only answers one question per op — *given what the library says about
+this op type, its flag, its origin dtype and (for gray ops) the dtype its
+producers run in, which dtype should it compute in, and why?* — in
+:meth:`PrecisionMode.decide`. :meth:`PrecisionMode.plan` walks the graph in
+topological order, applies the user's overrides, asks the mode, picks the
+kernel variant, and places the casts: one per (tensor, dtype), constants cast
+once ahead of time, variables cast after their read, existing Cast ops reused,
+fetches kept in their origin dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from precision_policy import dtypes
+from precision_policy.errors import PrecisionError
+from precision_policy.graph import PASSTHROUGH_OPS, SOURCE_KINDS, OpGraph
+from precision_policy.opinfo.library import BLACK, GRAY, WHITE, Library, OpInfo
+from precision_policy.opinfo.overrides import Overrides
+
+if TYPE_CHECKING:
+    from precision_policy.plan import CastPlan
+
+log = logging.getLogger(__name__)
+
+F32, F16, BF16, F64 = dtypes.FLOAT32, dtypes.FLOAT16, dtypes.BFLOAT16, dtypes.FLOAT64
+_FALLBACK_ORDER = (F32, F16, BF16, F64)
+
+Decision = tuple[str, str, "str | None"]  # (dtype, reason, warning or None)
+
+
+class NoKernel(Exception):
+    """Raised by :meth:`PrecisionMode.decide` when the mode cannot be honoured for an op."""
+
+
+def choose(info: OpInfo, prefs: tuple[str, ...], first_reason: str, origin: str) -> Decision:
+    """First dtype of ``prefs`` the op has a kernel for; falls back to any float kernel it has."""
+    for k, d in enumerate(prefs):
+        if info.supports(d):
+            if k == 0:
+                return d, first_reason, None
+            missing = " or ".join(prefs[:k])
+            return d, f"no {missing} kernel", None
+    floats = info.float_dtypes
+    for d in _FALLBACK_ORDER:
+        if d in floats:
+            wanted = " or ".join(prefs)
+            return d, f"no {wanted} kernel; {d} is its only float kernel", (
+                f"{info.op_type}: no {wanted} kernel in the library, runs in {d}"
+            )
+    return origin, "library declares no float kernel; keeps its origin dtype", (
+        f"{info.op_type}: the library declares no float kernel; kept in {origin}"
+    )
+
+
+class PrecisionMode:
+    """A precision mode: a name, its aliases, its low dtype, and a per-op decision rule.
+
+    Example:
+        >>> from precision_policy import modes
+        >>> mode = modes.get("mixed_float16")
+        >>> mode.name, mode.low, mode.mixed
+        ('allow_mix_precision', 'float16', True)
+    """
+
+    name: str = ""
+    aliases: tuple[str, ...] = ()
+    low: str = F16
+    mixed: bool = False  # reads white/black/gray flags; accepts modify_mixlist
+    description: str = ""
+
+    def decide(self, info: OpInfo, flag: str, origin: str, follow: str | None) -> Decision:
+        """Compute dtype for an op of ``origin`` dtype; ``follow`` is its producers' dtype (gray ops)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<precision mode {self.name!r} low={self.low}>"
+
+    # ------------------------------------------------------------------ planning
+    def plan(
+        self,
+        graph: OpGraph,
+        library: Library,
+        overrides: Overrides | None = None,
+        *,
+        keep_output_dtype: bool = True,
+        config_summary: dict | None = None,
+    ) -> "CastPlan":
+        """Decide every node's dtype and place the casts. See the module docstring."""
+        from precision_policy.plan import Cast, CastPlan
+
+        ov = overrides or Overrides()
+        res = graph.resolve()
+        names = graph.names
+        ops = graph.op_types
+        outs = graph.output_dtypes
+        data_inputs = res.data_inputs
+        n = len(names)
+        is_float = dtypes.FLOAT_DTYPES.__contains__
+        must_keep = self.name == "must_keep_origin_dtype"
+        mixed = self.mixed
+        flags = ov.flags
+        lib_get = library.get
+
+        origin: list[str | None] = [None] * n
+        dtype: list[str | None] = [None] * n
+        out_dt: list[tuple[str, ...]] = list(outs)
+        in_dt: list[tuple[str, ...]] = [()] * n
+        reason: list[str] = [""] * n
+        src: list[str | None] = [None] * n
+        identity: set[int] = set()
+        unknown: dict[str, list[str]] = {}
+        warnings: list[str] = list(ov.warnings)
+        problems: list[tuple[str, str, str]] = []
+        casts: dict[tuple[int, int, str], Cast] = {}
+
+        fixed_cache: dict[tuple[str, str, str], Decision] = {}
+        follow_cache: dict[tuple[str, str, str], Decision] = {}
+        io_cache: dict[tuple[str, str, int, int], tuple[tuple[str | None, ...], tuple[str | None, ...]]] = {}
+
+        for i in res.order:
+            op = ops[i]
+            o = outs[i]
+            ins = data_inputs[i]
+            kind = SOURCE_KINDS.get(op)
+            if kind is not None:
+                src[i] = kind
+                in_dt[i] = tuple(out_dt[j][p] for j, p in ins)
+                reason[i] = f"source ({kind})"
+                for d in o:
+                    if is_float(d):
+                        origin[i] = dtype[i] = d
+                        break
+                continue
+            org = None
+            for d in o:
+                if is_float(d):
+                    org = d
+                    break
+            if org is None:
+                for j, p in ins:
+                    d = outs[j][p]
+                    if is_float(d):
+                        org = d
+                        break
+            actual_in = tuple(out_dt[j][p] for j, p in ins)
+            if org is None:
+                in_dt[i] = actual_in
+                reason[i] = "no float tensors"
+                continue
+            origin[i] = org
+            if op in PASSTHROUGH_OPS and len(ins) == 1 and src[ins[0][0]] is not None:
+                j = ins[0][0]
+                src[i] = src[j]
+                dtype[i] = actual_in[0] if is_float(actual_in[0]) else org
+                in_dt[i] = actual_in
+                out_dt[i] = (dtype[i],) + o[1:]
+                reason[i] = f"reads {src[j]} {names[j]}"
+                continue
+            name = names[i]
+            info = lib_get(op)
+            spec = None
+            if ov.custom_names or ov.custom_types:
+                spec = ov.custom_names.get(name) or ov.custom_types.get(op)
+            keep_where = None
+            if not must_keep and (ov.keep_names or ov.keep_types):
+                keep_where = ov.keep_names.get(name) or ov.keep_types.get(op)
+            # ---------------------------------------------------------- the decision
+            if info is None:
+                d, why, warn = org, "unknown op type: not in the op-info library, keeps its origin dtype", None
+                unknown.setdefault(op, []).append(name)
+            elif keep_where is not None:
+                d, why, warn = org, f"keep_dtype ({keep_where})", None
+                if not info.supports(org):
+                    problems.append((name, op, f"keep_dtype asks for {org} but the library has no {org} kernel "
+                                     f"(supports: {info.describe_dtypes()})"))
+            else:
+                flag = GRAY
+                flag_note = ""
+                if mixed:
+                    if op in flags:
+                        flag, flag_note = flags[op]
+                        flag_note = f" ({flag_note})"
+                    else:
+                        flag = info.flag
+                follow = None
+                follow_from = None
+                if mixed and flag == GRAY:
+                    seen = None
+                    disagree = False
+                    for m, (j, p) in enumerate(ins):
+                        a = actual_in[m]
+                        if src[j] is not None or not is_float(a):
+                            continue
+                        if seen is None:
+                            seen, follow_from = a, j
+                        elif a != seen:
+                            disagree = True
+                            if dtypes.rank(a) > dtypes.rank(seen):
+                                seen, follow_from = a, j
+                    follow = seen
+                    if op == "Cast" and follow is not None and org != F32:
+                        follow = None  # an explicit cast to a non-float32 dtype keeps its target
+                    if follow is not None:
+                        key = (op, follow, org)
+                        dec = follow_cache.get(key)
+                        if dec is None:
+                            try:
+                                dec = self.decide(info, GRAY, org, follow)
+                            except NoKernel as exc:
+                                dec = (org, "", str(exc))
+                            follow_cache[key] = dec
+                        d, why, warn = dec
+                        if why.startswith("gray: follows"):
+                            if disagree:
+                                why = f"gray: inputs disagree, follows the widest ({names[follow_from]}, {follow})"
+                            else:
+                                why = f"gray: follows {names[follow_from]}"
+                            why += flag_note
+                        elif why:
+                            why = f"gray: follows {names[follow_from]} ({follow}), but {why}"
+                if follow is None:
+                    key = (op, flag, org)
+                    dec = fixed_cache.get(key)
+                    if dec is None:
+                        try:
+                            dec = self.decide(info, flag, org, None)
+                        except NoKernel as exc:
+                            dec = (org, "", str(exc))
+                        fixed_cache[key] = dec
+                    d, why, warn = dec
+                    if flag_note and why:
+                        why += flag_note
+                if not why:  # NoKernel
+                    problems.append((name, op, warn or "no kernel"))
+                    why, warn = "no kernel for the requested precision", None
+            if warn:
+                warnings.append(f"{name}: {warn}")
+            # ---------------------------------------------------------- kernel variant -> per-tensor dtypes
+            if op == "Cast":
+                want_in = actual_in
+                new_out = tuple(d if is_float(x) else x for x in o)
+                if want_in and new_out and is_float(want_in[0]) and want_in[0] == new_out[0]:
+                    identity.add(i)
+                    why += f"; now an identity ({want_in[0]} -> {new_out[0]}), removable"
+            else:
+                if info is not None and info.declares_dtypes:
+                    ck = (op, d, len(ins), len(o))
+                    pat = io_cache.get(ck)
+                    if pat is None:
+                        pat = _io_pattern(info, d, len(ins), len(o))
+                        io_cache[ck] = pat
+                    pin, pout = pat
+                else:
+                    pin = pout = ()
+                want_in = tuple(
+                    (pin[m] if pin and pin[m] is not None else d) if is_float(a) else a for m, a in enumerate(actual_in)
+                )
+                new_out = tuple(
+                    (pout[k] if pout and pout[k] is not None else d) if is_float(x) else x for k, x in enumerate(o)
+                )
+            if spec is not None:
+                want_in, new_out, why = _apply_spec(spec, want_in, new_out, name, op, info, problems)
+                d = next((x for x in new_out if is_float(x)), d)
+            dtype[i] = d
+            out_dt[i] = new_out
+            in_dt[i] = want_in
+            reason[i] = why
+            # ---------------------------------------------------------- casts on this node's inputs
+            for m, (j, p) in enumerate(ins):
+                a = actual_in[m]
+                w = want_in[m]
+                if a != w and is_float(a) and is_float(w):
+                    key3 = (j, p, w)
+                    c = casts.get(key3)
+                    if c is None:
+                        c = Cast(j, p, a, w, src[j] or "op", [], False)
+                        casts[key3] = c
+                    c.consumers.append(i)
+        if problems:
+            raise PrecisionError(_problem_message(self.name, library, problems), problems)
+        # fetches keep their origin dtype
+        if keep_output_dtype:
+            for j, p in res.fetches:
+                a = out_dt[j][p]
+                w = outs[j][p]
+                if a != w and is_float(a) and is_float(w):
+                    key3 = (j, p, w)
+                    c = casts.get(key3)
+                    if c is None:
+                        c = Cast(j, p, a, w, src[j] or "op", [], True)
+                        casts[key3] = c
+                    else:
+                        c.for_fetch = True
+        for msg in warnings:
+            log.warning("%s", msg)
+        return CastPlan(
+            graph=graph,
+            mode=self,
+            library=library,
+            origin=origin,
+            dtype=dtype,
+            in_dtypes=in_dt,
+            out_dtypes=out_dt,
+            reasons=reason,
+            casts=list(casts.values()),
+            identity=identity,
+            unknown=unknown,
+            warnings=warnings,
+            keep_output_dtype=keep_output_dtype,
+            config=config_summary or {},
+        )
+
+
+def _io_pattern(info: OpInfo, d: str, n_in: int, n_out: int) -> tuple[tuple[str | None, ...], tuple[str | None, ...]]:
+    """Per-tensor dtypes of the kernel variant that computes in ``d`` (None: use ``d``).
+
+    The variant is the one whose float tensors most often equal ``d``. Declared tensors
+    map to the node's tensors by position only when the counts match (dynamic inputs don't).
+    """
+    k_best, best = -1, -1
+    tensors = info.inputs + info.outputs
+    nvar = info.variants
+    for k in range(nvar):
+        score = sum(1 for t in tensors if t.dtypes and t.dtypes[k] == d)
+        if score > best:
+            k_best, best = k, score
+    if k_best < 0 or best == 0:
+        return (), ()
+
+    def side(decl: tuple, count: int) -> tuple[str | None, ...]:
+        if len(decl) != count:
+            return ()
+        return tuple(t.dtypes[k_best] if t.dtypes and dtypes.is_float(t.dtypes[k_best]) else None for t in decl)
+
+    return side(info.inputs, n_in), side(info.outputs, n_out)
+
+
+def _apply_spec(spec, want_in, new_out, name, op, info, problems):
+    why = f"customize_dtypes ({spec.where})"
+    if spec.inputs is not None:
+        if len(spec.inputs) != len(want_in):
+            problems.append((name, op, f"customize_dtypes ({spec.where}) gives {len(spec.inputs)} input dtype(s), "
+                             f"the node has {len(want_in)} input(s)"))
+        else:
+            fixed = []
+            for m, (w, s) in enumerate(zip(want_in, spec.inputs)):
+                if not dtypes.is_float(w) and s != w:
+                    problems.append((name, op, f"customize_dtypes ({spec.where}): input {m} is {w}, not a float tensor; "
+                                     f"it cannot become {s}"))
+                fixed.append(s)
+            want_in = tuple(fixed)
+    if spec.outputs is not None:
+        if len(spec.outputs) != len(new_out):
+            problems.append((name, op, f"customize_dtypes ({spec.where}) gives {len(spec.outputs)} output dtype(s), "
+                             f"the node has {len(new_out)} output(s)"))
+        else:
+            for k, (x, s) in enumerate(zip(new_out, spec.outputs)):
+                if not dtypes.is_float(x) and s != x:
+                    problems.append((name, op, f"customize_dtypes ({spec.where}): output {k} is {x}, not a float tensor"))
+            new_out = tuple(spec.outputs)
+    if info is not None and info.declares_dtypes:
+        for s in (spec.inputs or ()) + (spec.outputs or ()):
+            if dtypes.is_float(s) and not info.supports(s):
+                problems.append((name, op, f"customize_dtypes ({spec.where}) asks for {s} but the library has no {s} "
+                                 f"kernel (supports: {info.describe_dtypes()})"))
+                break
+    return want_in, new_out, why
+
+
+def _problem_message(mode: str, library: Library, problems: list[tuple[str, str, str]]) -> str:
+    lines = [f"precision mode {mode!r} cannot be honoured for {len(problems)} op(s) with library {library.name!r}:"]
+    for name, op, detail in problems[:50]:
+        lines.append(f"  {name} ({op}): {detail}")
+    if len(problems) > 50:
+        lines.append(f"  ... and {len(problems) - 50} more")
+    if mode == "must_keep_origin_dtype":
+        lines.append("Fix: choose allow_fp32_to_fp16 (the default) or allow_mix_precision, or add a float32 kernel "
+                     "to these ops in the op-info library.")
+    else:
+        lines.append("Fix: change the override, or the op's kernels/flag in the op-info library.")
+    return "\n".join(lines)

@@ -1,0 +1,274 @@
+"""Safe, byte-preserving edits of op-info JSON files.
+
+``pin`` sets ``precision_reduce.flag`` to ``"false"`` (black), ``set_flag`` to any
+value, ``unpin`` removes the ``precision_reduce`` field (gray). Only the edited
+field's bytes change: key order, formatting and every other field are kept. A
+file that does not parse is refused and left untouched, and the new text is
+written atomically (temporary file, fsync, rename), so a crash mid-write leaves
+the old file intact.
+
+Example:
+    >>> import json, pathlib, tempfile
+    >>> from precision_policy.opinfo import edit
+    >>> f = pathlib.Path(tempfile.mkdtemp()) / "ops.json"
+    >>> _ = f.write_text('{\\n  "Relu": {"op": {"pattern": "elemwise"}}\\n}\\n')
+    >>> edit.pin(f, "Relu").new_flag
+    'false'
+    >>> json.loads(f.read_text())["Relu"]["precision_reduce"]
+    {'flag': 'false'}
+    >>> edit.unpin(f, "Relu").new_flag is None
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from json.decoder import scanstring
+from pathlib import Path
+
+from precision_policy._jsonio import loads_json_text
+from precision_policy.errors import OpInfoError
+from precision_policy.opinfo.library import library_files, parse_library_text, resolve_library_path
+
+_WS = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+FIELD = "precision_reduce"
+
+
+@dataclass(frozen=True)
+class EditResult:
+    """What an edit did: the file, the op, the flag before and after (None = no flag, gray)."""
+
+    file: Path
+    op: str
+    old_flag: str | None
+    new_flag: str | None
+    created_op: bool = False
+
+    @property
+    def changed(self) -> bool:
+        return self.old_flag != self.new_flag or self.created_op
+
+
+# ---------------------------------------------------------------------- atomic writing
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder, fsync and rename."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    mode = None
+    if path.exists():
+        mode = path.stat().st_mode & 0o7777
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+# ---------------------------------------------------------------------- span scanning
+@dataclass(frozen=True)
+class _Member:
+    key: str
+    key_start: int  # index of the opening quote of the key
+    value_start: int
+    value_end: int  # one past the value's last character
+
+
+def _members(text: str, brace: int) -> tuple[list[_Member], int]:
+    """Members of the JSON object whose '{' is at ``brace``; returns them and the index of its '}'."""
+    assert text[brace] == "{"
+    out: list[_Member] = []
+    i = _WS.match(text, brace + 1).end()
+    if text[i] == "}":
+        return out, i
+    while True:
+        key_start = i
+        key, i = scanstring(text, i + 1)
+        i = _WS.match(text, i).end()
+        i = _WS.match(text, i + 1).end()  # skip ':'
+        value_start = i
+        _, i = _DECODER.raw_decode(text, i)
+        out.append(_Member(key, key_start, value_start, i))
+        i = _WS.match(text, i).end()
+        if text[i] == "}":
+            return out, i
+        i = _WS.match(text, i + 1).end()  # skip ','
+
+
+def _lead(text: str, members: list[_Member], brace: int) -> str:
+    """Whitespace that precedes the members' keys (newline + indent), or '' for one-line objects."""
+    if not members:
+        return ""
+    m = members[-1] if len(members) > 1 else members[0]
+    j = m.key_start
+    while j > 0 and text[j - 1] in " \t\n\r":
+        j -= 1
+    return text[j : m.key_start]
+
+
+def _colon(text: str, m: _Member) -> str:
+    """The exact text between a key and its value (':' or ': ')."""
+    _, after_key = scanstring(text, m.key_start + 1)
+    return text[after_key : m.value_start]
+
+
+def _insert_member(text: str, brace: int, key: str, value_text: str) -> str:
+    """Insert ``"key": value`` into the object at ``brace``: in sorted position if its keys are sorted, else last."""
+    members, close = _members(text, brace)
+    key_json = json.dumps(key)
+    if not members:
+        return text[: brace + 1] + f"{key_json}: {value_text}" + text[close:]
+    colon = _colon(text, members[0])
+    new = f"{key_json}{colon}{value_text}"
+    keys = [m.key for m in members]
+    if keys == sorted(keys):
+        for m in members:
+            if m.key > key:
+                j = m.key_start
+                while j > 0 and text[j - 1] in " \t\n\r":
+                    j -= 1
+                ws = text[j : m.key_start]
+                return text[: m.key_start] + new + "," + ws + text[m.key_start :]
+    last = members[-1]
+    return text[: last.value_end] + "," + _lead(text, members, brace) + new + text[last.value_end :]
+
+
+def _remove_member(text: str, brace: int, key: str) -> str:
+    members, close = _members(text, brace)
+    for k, m in enumerate(members):
+        if m.key != key:
+            continue
+        if len(members) == 1:
+            return text[: brace + 1] + text[close:]
+        if k == 0:
+            return text[: m.key_start] + text[members[1].key_start :]
+        prev = members[k - 1]
+        return text[: prev.value_end] + text[m.value_end :]
+    return text
+
+
+# ---------------------------------------------------------------------- the edits
+def _target_file(spec: str | Path, op: str, creating: bool) -> Path:
+    path = resolve_library_path(spec)
+    files = library_files(path)
+    if len(files) == 1:
+        return files[0]
+    for f in files:
+        data = _parse(f, f.read_text(encoding="utf-8"))
+        if op in data:
+            return f
+    if creating:
+        raise OpInfoError(
+            f"op {op!r} is in none of this folder's {len(files)} files; name the file to add it to with --op-info FILE",
+            file=path,
+        )
+    raise OpInfoError(f"op {op!r} is not in this library", file=path)
+
+
+def _parse(path: Path, text: str) -> dict:
+    data = loads_json_text(text, path, OpInfoError)
+    if not isinstance(data, dict):
+        raise OpInfoError("the top level must be a JSON object of op type -> entry; refusing to edit", file=path)
+    return data
+
+
+def set_flag(spec: str | Path, op: str, flag: str | bool | None) -> EditResult:
+    """Set ``precision_reduce.flag`` of ``op`` to ``"true"``/``"false"``, or remove it (None).
+
+    ``spec`` is an op-info file, a folder (the file defining ``op`` is edited) or a shipped
+    library name. An op not yet in the file is added with just the flag.
+    """
+    if flag is True or flag == "true":
+        new_flag: str | None = "true"
+    elif flag is False or flag == "false":
+        new_flag = "false"
+    elif flag is None:
+        new_flag = None
+    else:
+        raise OpInfoError(f"flag must be 'true', 'false' or None (remove), got {flag!r}", op=op, field=FIELD)
+    path = _target_file(spec, op, creating=new_flag is not None)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OpInfoError(f"cannot read: {exc}", file=path) from None
+    data = _parse(path, text)  # refuses a file that does not parse, before anything is written
+    if not os.access(path, os.W_OK):
+        raise OpInfoError(f"file is read-only; grant write permission first (chmod u+w {path})", file=path)
+    top = _WS.match(text).end()
+    created = False
+    if op not in data:
+        if new_flag is None:
+            raise OpInfoError("op is not in this file; nothing to unpin", file=path, op=op)
+        entry = json.dumps({FIELD: {"flag": new_flag}})
+        new_text = _insert_member(text, top, op, entry)
+        old_flag = None
+        created = True
+    else:
+        entry_raw = data[op]
+        if not isinstance(entry_raw, dict):
+            raise OpInfoError("entry is not a JSON object; refusing to edit", file=path, op=op)
+        old = entry_raw.get(FIELD)
+        old_flag = old.get("flag") if isinstance(old, dict) else None
+        if isinstance(old_flag, bool):
+            old_flag = "true" if old_flag else "false"
+        op_member = next(m for m in _members(text, top)[0] if m.key == op)
+        op_brace = op_member.value_start
+        if new_flag is None:
+            new_text = _remove_member(text, op_brace, FIELD) if FIELD in entry_raw else text
+        elif FIELD in entry_raw and isinstance(old, dict):
+            field_member = next(m for m in _members(text, op_brace)[0] if m.key == FIELD)
+            flag_members = [m for m in _members(text, field_member.value_start)[0] if m.key == "flag"]
+            if flag_members:
+                fm = flag_members[-1]
+                new_text = text[: fm.value_start] + json.dumps(new_flag) + text[fm.value_end :]
+            else:
+                new_text = _insert_member(text, field_member.value_start, "flag", json.dumps(new_flag))
+        elif FIELD in entry_raw:
+            field_member = next(m for m in _members(text, op_brace)[0] if m.key == FIELD)
+            new_text = text[: field_member.value_start] + json.dumps({"flag": new_flag}) + text[field_member.value_end :]
+        else:
+            new_text = _insert_member(text, op_brace, FIELD, json.dumps({"flag": new_flag}))
+    result = EditResult(path, op, old_flag, new_flag, created)
+    if new_text == text:
+        return result
+    # the edited file must still be a valid library, with the flag we meant
+    parsed = parse_library_text(new_text, str(path))
+    expect = {"true": "white", "false": "black", None: "gray"}[new_flag]
+    if parsed[op].flag != expect:  # pragma: no cover - guards the span logic
+        raise OpInfoError(f"internal edit check failed (flag is {parsed[op].flag}, expected {expect}); file untouched", file=path, op=op)
+    atomic_write_text(path, new_text)
+    return result
+
+
+def pin(spec: str | Path, op: str) -> EditResult:
+    """Pin ``op`` to its origin precision: ``precision_reduce.flag = "false"`` (black list)."""
+    return set_flag(spec, op, "false")
+
+
+def unpin(spec: str | Path, op: str) -> EditResult:
+    """Remove ``op``'s ``precision_reduce`` field, so it is gray (follows its producer)."""
+    return set_flag(spec, op, None)

@@ -1,0 +1,292 @@
+"""Loading and merging Ascend-format op-info libraries.
+
+A library is one ``*.json`` file or a folder of them, merged in file-name order.
+Each top-level key is an op type; the fields read are ``precision_reduce.flag``
+(white/black/gray), ``heavyOp.flag`` (cube op) and the parallel ``dtype`` lists of
+``inputN``/``outputN``. Everything else is preserved for editing.
+
+Shipped libraries live in ``opinfo_db/`` and can be named directly
+(``"ascend910"``, ``"ascend910b"``, ``"tf_amp_bf16"``, ...).
+
+Example:
+    >>> from precision_policy.opinfo import load_library
+    >>> lib = load_library("ascend910")
+    >>> lib["Conv2D"].flag, sorted(lib["Conv2D"].float_dtypes), lib["Conv2D"].heavy
+    ('white', ['float16'], True)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from pydantic import ValidationError
+
+from precision_policy import dtypes
+from precision_policy._jsonio import loads_json_text
+from precision_policy.errors import DTypeError, OpInfoError
+from precision_policy.opinfo.schema import TENSOR_KEY, OpEntry, TensorField
+
+log = logging.getLogger(__name__)
+
+WHITE = "white"
+BLACK = "black"
+GRAY = "gray"
+_FLAG_TO_LIST = {"true": WHITE, "false": BLACK}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One declared input or output: its name and dtype per kernel variant (canonical)."""
+
+    key: str
+    name: str | None
+    dtypes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    """What a library says about one op type."""
+
+    op_type: str
+    flag: str  # "white" | "black" | "gray"
+    heavy: bool
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    source: str
+    raw: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
+
+    @property
+    def variants(self) -> int:
+        """Number of kernel variants (length of the parallel dtype lists); 0 if none declared."""
+        for t in self.inputs + self.outputs:
+            return len(t.dtypes)
+        return 0
+
+    @property
+    def float_dtypes(self) -> frozenset[str]:
+        """Float dtypes some kernel variant accepts. Empty when the entry declares no dtypes."""
+        return frozenset(d for t in self.inputs + self.outputs for d in t.dtypes if dtypes.is_float(d))
+
+    @property
+    def declares_dtypes(self) -> bool:
+        return any(t.dtypes for t in self.inputs + self.outputs)
+
+    def supports(self, dtype: str) -> bool:
+        """True if some kernel variant has ``dtype``; an entry without dtype lists supports any dtype."""
+        if not self.declares_dtypes:
+            return True
+        return dtype in self.float_dtypes or not dtypes.is_float(dtype)
+
+    def describe_dtypes(self) -> str:
+        if not self.declares_dtypes:
+            return "no dtype lists declared (any dtype)"
+        floats = sorted(self.float_dtypes, key=lambda d: -dtypes.rank(d))
+        return ", ".join(floats) if floats else "no float kernels"
+
+
+class Library(Mapping[str, OpInfo]):
+    """An immutable, merged op-info library: op type -> :class:`OpInfo`."""
+
+    def __init__(self, ops: dict[str, OpInfo], sources: list[Path], name: str) -> None:
+        self._ops = ops
+        self.sources = sources
+        self.name = name
+
+    def __getitem__(self, op_type: str) -> OpInfo:
+        return self._ops[op_type]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ops)
+
+    def __len__(self) -> int:
+        return len(self._ops)
+
+    def __repr__(self) -> str:
+        return f"Library({self.name!r}, {len(self)} ops from {len(self.sources)} file(s))"
+
+    def closest(self, op_type: str, n: int = 3) -> list[str]:
+        import difflib
+
+        lower = {k.lower(): k for k in self._ops}
+        if op_type.lower() in lower:
+            return [lower[op_type.lower()]]
+        return difflib.get_close_matches(op_type, list(self._ops), n=n)
+
+    def counts(self) -> dict[str, int]:
+        out = {WHITE: 0, BLACK: 0, GRAY: 0}
+        for info in self._ops.values():
+            out[info.flag] += 1
+        return out
+
+
+# ---------------------------------------------------------------------- parsing
+def _pydantic_field(err: dict[str, Any]) -> str:
+    return ".".join(str(p) for p in err.get("loc", ()))
+
+
+def parse_entry(op_type: str, raw: Any, source: str) -> OpInfo:
+    """Validate one op entry; raise OpInfoError naming the file, op and field."""
+    if not isinstance(raw, dict):
+        raise OpInfoError(f"an op entry must be a JSON object, got {type(raw).__name__}", file=source, op=op_type)
+    try:
+        entry = OpEntry.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise OpInfoError(_clean_msg(err), file=source, op=op_type, field=_pydantic_field(err) or None) from None
+    tensors: dict[str, list[TensorInfo]] = {"input": [], "output": []}
+    lengths: dict[str, int] = {}
+    for key, value in raw.items():
+        m = TENSOR_KEY.match(key)
+        if not m:
+            continue
+        if not isinstance(value, dict):
+            raise OpInfoError("must be an object with 'name', 'dtype', 'format'", file=source, op=op_type, field=key)
+        try:
+            t = TensorField.model_validate(value)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            sub = _pydantic_field(err)
+            raise OpInfoError(_clean_msg(err), file=source, op=op_type, field=f"{key}.{sub}" if sub else key) from None
+        except DTypeError as exc:
+            raise OpInfoError(str(exc), file=source, op=op_type, field=f"{key}.dtype") from None
+        dts: tuple[str, ...] = ()
+        if t.dtype is not None:
+            dts = tuple(dtypes.canonical(w) for w in t.dtype.split(","))
+            lengths[f"{key}.dtype"] = len(dts)
+            if t.format is not None:
+                n_fmt = len(t.format.split(","))
+                if n_fmt != len(dts):
+                    raise OpInfoError(
+                        f"has {n_fmt} formats but {len(dts)} dtypes; the lists are parallel (one position per kernel variant)",
+                        file=source,
+                        op=op_type,
+                        field=f"{key}.format",
+                    )
+        tensors[m.group(1)].append(TensorInfo(key, t.name, dts))
+    if len(set(lengths.values())) > 1:
+        parts = ", ".join(f"{k} has {v}" for k, v in sorted(lengths.items()))
+        raise OpInfoError(
+            f"dtype lists must be parallel (one position per kernel variant) but {parts}",
+            file=source,
+            op=op_type,
+            field="dtype",
+        )
+    order = lambda t: int(TENSOR_KEY.match(t.key).group(2))  # noqa: E731
+    flag = _FLAG_TO_LIST[entry.precision_reduce.flag] if entry.precision_reduce is not None else GRAY
+    heavy = entry.heavyOp is not None and entry.heavyOp.flag == "true"
+    return OpInfo(
+        op_type=op_type,
+        flag=flag,
+        heavy=heavy,
+        inputs=tuple(sorted(tensors["input"], key=order)),
+        outputs=tuple(sorted(tensors["output"], key=order)),
+        source=source,
+        raw=raw,
+    )
+
+
+def _clean_msg(err: dict[str, Any]) -> str:
+    msg = err.get("msg", "invalid value")
+    if err.get("type") == "literal_error":
+        return f"must be \"true\" or \"false\", got {err.get('input')!r}"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if err.get("type") == "model_type":
+        return f"must be an object, got {type(err.get('input')).__name__}"
+    return msg
+
+
+def parse_library_text(text: str, source: str) -> dict[str, OpInfo]:
+    data = loads_json_text(text, source, OpInfoError)
+    if not isinstance(data, dict):
+        raise OpInfoError(
+            f"the top level must be a JSON object of op type -> entry, got {type(data).__name__}", file=source
+        )
+    return {op_type: parse_entry(op_type, raw, source) for op_type, raw in data.items()}
+
+
+# ---------------------------------------------------------------------- locating
+def shipped_root() -> Path:
+    """The ``opinfo_db`` folder: inside the installed package, or beside it in a source checkout."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "opinfo_db", here.parent / "opinfo_db"):
+        if candidate.is_dir():
+            return candidate
+    return here.parent / "opinfo_db"
+
+
+def shipped_libraries() -> list[str]:
+    """Names of the shipped libraries (folders of ``opinfo_db`` holding JSON files, except aliases)."""
+    root = shipped_root()
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "aliases" and any(p.glob("*.json")))
+
+
+def resolve_library_path(spec: str | Path) -> Path:
+    """A path that exists, or the name of a shipped library (``ascend910`` or ``opinfo_db/ascend910``)."""
+    p = Path(spec).expanduser()
+    if p.exists():
+        return p
+    name = p.name if (len(p.parts) == 2 and p.parts[0] == "opinfo_db") else str(spec)
+    shipped = shipped_root() / name
+    if shipped.exists() and name != "aliases":
+        return shipped
+    names = shipped_libraries()
+    import difflib
+
+    close = difflib.get_close_matches(str(spec), names, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise OpInfoError(
+        f"no such op-info library: not a file or folder, and not a shipped library.{hint} "
+        f"Shipped libraries: {', '.join(names) or '(none found)'}",
+        file=str(spec),
+    )
+
+
+def library_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(f for f in path.glob("*.json") if f.is_file())
+        if not files:
+            raise OpInfoError("folder holds no *.json op-info files", file=path)
+        return files
+    return [path]
+
+
+def _stamp(path: Path) -> tuple[tuple[str, int, int], ...]:
+    return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in library_files(path))
+
+
+def load_library(spec: str | Path) -> Library:
+    """Load a library file or folder (or shipped name). Results are cached until a file changes."""
+    path = resolve_library_path(spec)
+    return _load_cached(path.resolve(), _stamp(path))
+
+
+@lru_cache(maxsize=16)
+def _load_cached(path: Path, stamp: tuple[tuple[str, int, int], ...]) -> Library:
+    ops: dict[str, OpInfo] = {}
+    files = [Path(f) for f, _, _ in stamp]
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise OpInfoError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", file=f) from None
+        except OSError as exc:
+            raise OpInfoError(f"cannot read: {exc.strerror}", file=f) from None
+        for op_type, info in parse_library_text(text, str(f)).items():
+            if op_type in ops:
+                raise OpInfoError(
+                    f"defined in both {ops[op_type].source} and {f}; a library may define an op once "
+                    "(change flags with modify_mixlist / keep_dtype instead of a second definition)",
+                    file=f,
+                    op=op_type,
+                )
+            ops[op_type] = info
+    name = path.name if path.is_dir() else path.stem
+    log.debug("loaded op-info library %s: %d ops from %d file(s)", path, len(ops), len(files))
+    return Library(ops, files, name)
