@@ -12,6 +12,7 @@ fetches kept in their origin dtype.
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import TYPE_CHECKING
 
@@ -90,6 +91,22 @@ class PrecisionMode:
         config_summary: dict | None = None,
     ) -> "CastPlan":
         """Decide every node's dtype and place the casts. See the module docstring."""
+        was_enabled = gc.isenabled()
+        gc.disable()  # the planner allocates millions of small tuples; generational GC would rescan them all
+        try:
+            return self._plan(graph, library, overrides, keep_output_dtype, config_summary)
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    def _plan(
+        self,
+        graph: OpGraph,
+        library: Library,
+        overrides: Overrides | None,
+        keep_output_dtype: bool,
+        config_summary: dict | None,
+    ) -> "CastPlan":
         from precision_policy.plan import Cast, CastPlan
 
         ov = overrides or Overrides()
@@ -119,7 +136,7 @@ class PrecisionMode:
 
         fixed_cache: dict[tuple[str, str, str], Decision] = {}
         follow_cache: dict[tuple[str, str, str], Decision] = {}
-        io_cache: dict[tuple[str, str, int, int], tuple[tuple[str | None, ...], tuple[str | None, ...]]] = {}
+        io_cache: dict[tuple, tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
         for i in res.order:
             op = ops[i]
@@ -146,7 +163,7 @@ class PrecisionMode:
                     if is_float(d):
                         org = d
                         break
-            actual_in = tuple(out_dt[j][p] for j, p in ins)
+            actual_in = tuple([out_dt[j][p] for j, p in ins])
             if org is None:
                 in_dt[i] = actual_in
                 reason[i] = "no float tensors"
@@ -247,21 +264,12 @@ class PrecisionMode:
                     identity.add(i)
                     why += f"; now an identity ({want_in[0]} -> {new_out[0]}), removable"
             else:
-                if info is not None and info.declares_dtypes:
-                    ck = (op, d, len(ins), len(o))
-                    pat = io_cache.get(ck)
-                    if pat is None:
-                        pat = _io_pattern(info, d, len(ins), len(o))
-                        io_cache[ck] = pat
-                    pin, pout = pat
-                else:
-                    pin = pout = ()
-                want_in = tuple(
-                    (pin[m] if pin and pin[m] is not None else d) if is_float(a) else a for m, a in enumerate(actual_in)
-                )
-                new_out = tuple(
-                    (pout[k] if pout and pout[k] is not None else d) if is_float(x) else x for k, x in enumerate(o)
-                )
+                ck = (op, d, o, actual_in)
+                io = io_cache.get(ck)
+                if io is None:
+                    io = _tensor_dtypes(info, d, o, actual_in)
+                    io_cache[ck] = io
+                want_in, new_out = io
             if spec is not None:
                 want_in, new_out, why = _apply_spec(spec, want_in, new_out, name, op, info, problems)
                 d = next((x for x in new_out if is_float(x)), d)
@@ -270,16 +278,17 @@ class PrecisionMode:
             in_dt[i] = want_in
             reason[i] = why
             # ---------------------------------------------------------- casts on this node's inputs
-            for m, (j, p) in enumerate(ins):
-                a = actual_in[m]
-                w = want_in[m]
-                if a != w and is_float(a) and is_float(w):
-                    key3 = (j, p, w)
-                    c = casts.get(key3)
-                    if c is None:
-                        c = Cast(j, p, a, w, src[j] or "op", [], False)
-                        casts[key3] = c
-                    c.consumers.append(i)
+            if want_in != actual_in:
+                for m, (j, p) in enumerate(ins):
+                    a = actual_in[m]
+                    w = want_in[m]
+                    if a != w and is_float(a) and is_float(w):
+                        key3 = (j, p, w)
+                        c = casts.get(key3)
+                        if c is None:
+                            c = Cast(j, p, a, w, src[j] or "op", [], False)
+                            casts[key3] = c
+                        c.consumers.append(i)
         if problems:
             raise PrecisionError(_problem_message(self.name, library, problems), problems)
         # fetches keep their origin dtype
@@ -315,28 +324,40 @@ class PrecisionMode:
         )
 
 
-def _io_pattern(info: OpInfo, d: str, n_in: int, n_out: int) -> tuple[tuple[str | None, ...], tuple[str | None, ...]]:
-    """Per-tensor dtypes of the kernel variant that computes in ``d`` (None: use ``d``).
+def _tensor_dtypes(
+    info: OpInfo | None, d: str, outs: tuple[str, ...], actual_in: tuple[str, ...]
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The dtype each input is consumed in and each output produced in, for compute dtype ``d``.
 
-    The variant is the one whose float tensors most often equal ``d``. Declared tensors
-    map to the node's tensors by position only when the counts match (dynamic inputs don't).
+    Float tensors take ``d`` unless the library's kernel variant for ``d`` fixes another
+    float dtype for that tensor (e.g. batch-norm statistics stay float32). The variant is
+    the one whose float tensors most often equal ``d``; declared tensors map to the node's
+    tensors by position only when the counts match (dynamic inputs don't).
     """
-    k_best, best = -1, -1
-    tensors = info.inputs + info.outputs
-    nvar = info.variants
-    for k in range(nvar):
-        score = sum(1 for t in tensors if t.dtypes and t.dtypes[k] == d)
-        if score > best:
-            k_best, best = k, score
-    if k_best < 0 or best == 0:
-        return (), ()
+    is_float = dtypes.is_float
+    pin: tuple[str | None, ...] = ()
+    pout: tuple[str | None, ...] = ()
+    if info is not None and info.declares_dtypes:
+        tensors = info.inputs + info.outputs
+        k_best, best = -1, 0
+        for k in range(info.variants):
+            score = sum(1 for t in tensors if t.dtypes and t.dtypes[k] == d)
+            if score > best:
+                k_best, best = k, score
+        if k_best >= 0:
 
-    def side(decl: tuple, count: int) -> tuple[str | None, ...]:
-        if len(decl) != count:
-            return ()
-        return tuple(t.dtypes[k_best] if t.dtypes and dtypes.is_float(t.dtypes[k_best]) else None for t in decl)
+            def side(decl: tuple, count: int) -> tuple[str | None, ...]:
+                if len(decl) != count:
+                    return ()
+                return tuple(t.dtypes[k_best] if t.dtypes and is_float(t.dtypes[k_best]) else None for t in decl)
 
-    return side(info.inputs, n_in), side(info.outputs, n_out)
+            pin = side(info.inputs, len(actual_in))
+            pout = side(info.outputs, len(outs))
+    want_in = tuple(
+        ((pin[m] or d) if pin else d) if is_float(a) else a for m, a in enumerate(actual_in)
+    )
+    new_out = tuple(((pout[k] or d) if pout else d) if is_float(x) else x for k, x in enumerate(outs))
+    return want_in, new_out
 
 
 def _apply_spec(spec, want_in, new_out, name, op, info, problems):

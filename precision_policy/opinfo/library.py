@@ -59,21 +59,20 @@ class OpInfo:
     source: str
     raw: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
-    @property
-    def variants(self) -> int:
-        """Number of kernel variants (length of the parallel dtype lists); 0 if none declared."""
-        for t in self.inputs + self.outputs:
-            return len(t.dtypes)
-        return 0
+    def __post_init__(self) -> None:
+        tensors = self.inputs + self.outputs
+        declared = any(t.dtypes for t in tensors)
+        floats = frozenset(d for t in tensors for d in t.dtypes if dtypes.is_float(d))
+        object.__setattr__(self, "declares_dtypes", declared)
+        object.__setattr__(self, "float_dtypes", floats)
+        object.__setattr__(self, "variants", next((len(t.dtypes) for t in tensors if t.dtypes), 0))
 
-    @property
-    def float_dtypes(self) -> frozenset[str]:
-        """Float dtypes some kernel variant accepts. Empty when the entry declares no dtypes."""
-        return frozenset(d for t in self.inputs + self.outputs for d in t.dtypes if dtypes.is_float(d))
-
-    @property
-    def declares_dtypes(self) -> bool:
-        return any(t.dtypes for t in self.inputs + self.outputs)
+    #: True when some input/output declares a dtype list (set in __post_init__).
+    declares_dtypes: bool = field(init=False, repr=False, compare=False, default=False)
+    #: Float dtypes some kernel variant accepts; empty when no dtype lists are declared.
+    float_dtypes: frozenset = field(init=False, repr=False, compare=False, default=frozenset())
+    #: Number of kernel variants (length of the parallel dtype lists); 0 if none declared.
+    variants: int = field(init=False, repr=False, compare=False, default=0)
 
     def supports(self, dtype: str) -> bool:
         """True if some kernel variant has ``dtype``; an entry without dtype lists supports any dtype."""
@@ -101,6 +100,12 @@ class Library(Mapping[str, OpInfo]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._ops)
+
+    def get(self, op_type: str, default: OpInfo | None = None) -> OpInfo | None:  # type: ignore[override]
+        return self._ops.get(op_type, default)
+
+    def __contains__(self, op_type: object) -> bool:
+        return op_type in self._ops
 
     def __len__(self) -> int:
         return len(self._ops)
