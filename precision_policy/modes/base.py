@@ -129,6 +129,7 @@ class PrecisionMode:
         reason: list[str] = [""] * n
         src: list[str | None] = [None] * n
         identity: set[int] = set()
+        cast_nodes: list[int] = []
         unknown: dict[str, list[str]] = {}
         warnings: list[str] = list(ov.warnings)
         problems: list[tuple[str, str, str]] = []
@@ -186,7 +187,16 @@ class PrecisionMode:
             if not must_keep and (ov.keep_names or ov.keep_types):
                 keep_where = ov.keep_names.get(name) or ov.keep_types.get(op)
             # ---------------------------------------------------------- the decision
-            if info is None:
+            if op == "Cast" and ins and spec is None:
+                # an existing Cast reads whatever its producer now gives (absorbing the cast that
+                # would go before it) and keeps its target; see _absorb_into_casts for the other side
+                d, warn = org, None
+                why = f"Cast: reads its input as produced ({actual_in[0]}), writes {org}"
+                if keep_where is not None:
+                    why += f"; keep_dtype ({keep_where})"
+                else:
+                    cast_nodes.append(i)
+            elif info is None:
                 d, why, warn = org, "unknown op type: not in the op-info library, keeps its origin dtype", None
                 unknown.setdefault(op, []).append(name)
             elif keep_where is not None:
@@ -257,12 +267,9 @@ class PrecisionMode:
             if warn:
                 warnings.append(f"{name}: {warn}")
             # ---------------------------------------------------------- kernel variant -> per-tensor dtypes
-            if op == "Cast":
+            if op == "Cast" and spec is None:
                 want_in = actual_in
                 new_out = tuple(d if is_float(x) else x for x in o)
-                if want_in and new_out and is_float(want_in[0]) and want_in[0] == new_out[0]:
-                    identity.add(i)
-                    why += f"; now an identity ({want_in[0]} -> {new_out[0]}), removable"
             else:
                 ck = (op, d, o, actual_in)
                 io = io_cache.get(ck)
@@ -291,6 +298,14 @@ class PrecisionMode:
                         c.consumers.append(i)
         if problems:
             raise PrecisionError(_problem_message(self.name, library, problems), problems)
+        fetched = res.is_fetch if keep_output_dtype else set()
+        if cast_nodes:
+            _absorb_into_casts(cast_nodes, casts, data_inputs, fetched, dtype, out_dt, reason)
+        for i in cast_nodes:
+            a, w = in_dt[i][0], out_dt[i][0]
+            if is_float(a) and a == w:
+                identity.add(i)
+                reason[i] += f"; now an identity ({a} -> {w}), removable"
         # fetches keep their origin dtype
         if keep_output_dtype:
             for j, p in res.fetches:
@@ -358,6 +373,32 @@ def _tensor_dtypes(
     )
     new_out = tuple(((pout[k] or d) if pout else d) if is_float(x) else x for k, x in enumerate(outs))
     return want_in, new_out
+
+
+def _absorb_into_casts(cast_nodes, casts, data_inputs, fetched, dtype, out_dt, reason) -> None:
+    """Let an existing Cast write the dtype all its consumers need, instead of adding a cast after it."""
+    candidates = set(cast_nodes)
+    by_src: dict[int, list[tuple[int, int, str]]] = {}
+    for key in casts:
+        if key[0] in candidates and key[1] == 0:
+            by_src.setdefault(key[0], []).append(key)
+    if not by_src:
+        return
+    readers = dict.fromkeys(by_src, 0)
+    for ins in data_inputs:
+        for j, p in ins:
+            if p == 0 and j in readers:
+                readers[j] += 1
+    for i, keys in by_src.items():
+        if len(keys) != 1 or (i, 0) in fetched:
+            continue
+        c = casts[keys[0]]
+        if len(c.consumers) != readers[i]:
+            continue  # some consumer reads the Cast's own output dtype
+        del casts[keys[0]]
+        out_dt[i] = (c.to,) + out_dt[i][1:]
+        dtype[i] = c.to
+        reason[i] = reason[i].rsplit(", writes ", 1)[0] + f", writes {c.to} directly (what all its consumers need)"
 
 
 def _apply_spec(spec, want_in, new_out, name, op, info, problems):
