@@ -68,21 +68,34 @@ class OpInfoError(PrecisionPolicyError, ValueError):
 class OverrideError(PrecisionPolicyError, ValueError):
     """A modify_mixlist, keep_dtype or customize_dtypes file (or env list) is invalid."""
 
-    def __init__(self, message: str, *, file: str | Path | None = None, line: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, file: str | Path | None = None, line: int | None = None, column: int | None = None
+    ) -> None:
         self.file = None if file is None else str(file)
         self.line = line
+        self.column = column
         self.reason = message
-        super().__init__(_where(file, line) + message)
+        super().__init__(_where(file, line, column) + message)
 
 
 class GraphError(PrecisionPolicyError, ValueError):
     """A graph (JSON or built in code) is malformed: bad reference, duplicate name, cycle..."""
 
-    def __init__(self, message: str, *, file: str | Path | None = None, node: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | Path | None = None,
+        node: str | None = None,
+        line: int | None = None,
+        column: int | None = None,
+    ) -> None:
         self.file = None if file is None else str(file)
         self.node = node
+        self.line = line
+        self.column = column
         self.reason = message
-        prefix = _where(file)
+        prefix = _where(file, line, column)
         if node is not None:
             prefix += f"node {node!r}: "
         super().__init__(prefix + message)

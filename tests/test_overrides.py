@@ -1,0 +1,200 @@
+"""modify_mixlist (Ascend's rules), keep_dtype, customize_dtypes and TF's environment lists."""
+
+import json
+
+import pytest
+
+import precision_policy as pp
+from precision_policy.errors import ConfigError, OverrideError, PrecisionError
+
+from conftest import casts, graph, plan
+
+G = [
+    ("x", "Placeholder", []), ("w", "Const", []),
+    ("mm", "MatMulV2", ["x:0", "w:0"]), ("r", "Relu", ["mm:0"]), ("sm", "Softmax", ["r:0"]), ("rs", "ReduceSum", ["sm:0"]),
+]
+
+
+def mixlist(tmp_path, data, name="mix.json"):
+    f = tmp_path / name
+    f.write_text(json.dumps(data))
+    return f
+
+
+def mix_plan(tmp_path, small_lib, data, mode="allow_mix_precision"):
+    return plan(graph(G, ["rs:0"]), mode, small_lib, modify_mixlist=mixlist(tmp_path, data))
+
+
+# ---------------------------------------------------------------------- modify_mixlist
+def test_mixlist_moves_ops_between_lists(tmp_path, small_lib):
+    p = mix_plan(tmp_path, small_lib, {"black-list": {"to-add": ["Softmax"]}, "white-list": {"to-add": ["ReduceSum"]}})
+    assert p["sm"].dtype == "float32" and p["sm"].reason.startswith("black-list (modify_mixlist mix.json: added to black-list")
+    assert p["rs"].dtype == "float16" and "white-list" in p["rs"].reason
+
+
+def test_mixlist_to_remove_makes_op_gray(tmp_path, small_lib):
+    p = mix_plan(tmp_path, small_lib, {"black-list": {"to-remove": ["ReduceSum"]}, "white-list": {"to-remove": ["MatMulV2"]}})
+    assert p["rs"].dtype == "float16" and p["rs"].reason.startswith("gray: follows sm")
+    assert p["mm"].dtype == "float16" and "cube op" in p["mm"].reason  # gray fed by inputs: allow_fp32_to_fp16 rule
+    p2 = mix_plan(tmp_path, small_lib, {"white-list": {"to-add": ["Relu"]}, "gray-list": {"to-remove": ["Relu"]}})
+    assert p2["r"].reason.startswith("white-list")
+
+
+@pytest.mark.parametrize(
+    "data,needle",
+    [
+        ({"black-list": {"to-remove": ["Softmax"]}}, "not on the black-list"),
+        ({"white-list": {"to-add": ["Relu"]}, "black-list": {"to-add": ["Relu"]}}, "to-add of both"),
+        ({"white-list": {"to-add": ["Softmax"], "to-remove": ["Softmax"]}}, "both to-add and to-remove of white-list"),
+        ({"gray-list": {"to-remove": ["Relu"]}}, "needs a destination"),
+        ({"black-list": {"to-add": ["Matmul"]}}, "Did you mean 'MatMulV2'"),
+        ({"blacklist": {"to-add": ["Relu"]}}, "unknown key 'blacklist'"),
+        ({"black-list": {"add": ["Relu"]}}, "unknown key 'add'"),
+        ({"black-list": {"to-add": "Relu"}}, "must be a list"),
+        (["Relu"], "must be a JSON object"),
+    ],
+)
+def test_mixlist_rules(tmp_path, small_lib, data, needle):
+    with pytest.raises(OverrideError) as err:
+        mix_plan(tmp_path, small_lib, data)
+    assert needle in str(err.value) and "mix.json" in str(err.value)
+
+
+def test_mixlist_only_with_mixed_modes(tmp_path, small_lib):
+    f = mixlist(tmp_path, {"black-list": {"to-add": ["Softmax"]}})
+    with pytest.raises(ConfigError, match="only applies to the mixed modes"):
+        pp.RunConfig(precision_mode="force_fp16", op_info=small_lib, modify_mixlist=f)
+    pp.RunConfig(precision_mode_v2="mixed_bfloat16", op_info=small_lib, modify_mixlist=f)
+
+
+def test_mixlist_bad_json_names_line(tmp_path, small_lib):
+    f = tmp_path / "mix.json"
+    f.write_text('{"black-list": {\n "to-add": ["Relu",]\n}}')
+    with pytest.raises(OverrideError, match=r"mix\.json:2"):
+        plan(graph(G, ["rs:0"]), "allow_mix_precision", small_lib, modify_mixlist=f)
+
+
+# ---------------------------------------------------------------------- keep_dtype
+def test_keep_dtype_by_name_and_by_op_type(tmp_path, small_lib):
+    f = tmp_path / "keep.txt"
+    f.write_text("# keep these in their origin dtype\nmm\n\nOpType::Softmax  # all softmaxes\n")
+    p = plan(graph(G, ["rs:0"]), "force_fp16", small_lib, keep_dtype=f)
+    assert p["mm"].dtype == "float32" and p["mm"].reason == "keep_dtype (keep.txt:2)"
+    assert p["sm"].dtype == "float32" and p["sm"].reason == "keep_dtype (keep.txt:4)"
+    assert p["r"].dtype == "float16"
+
+
+def test_keep_dtype_has_no_effect_under_must_keep_origin(tmp_path, small_lib):
+    f = tmp_path / "keep.txt"
+    f.write_text("mm\n")
+    p = plan(graph(G, ["rs:0"]), "must_keep_origin_dtype", small_lib, keep_dtype=f)
+    assert p["mm"].reason == "must_keep_origin_dtype"
+
+
+def test_keep_dtype_on_op_without_origin_kernel_is_an_error(tmp_path, small_lib):
+    f = tmp_path / "keep.txt"
+    f.write_text("OpType::Conv2D\n")
+    g = graph([("x", "Placeholder", []), ("w", "Const", []), ("c", "Conv2D", ["x:0", "w:0"])], ["c:0"])
+    with pytest.raises(PrecisionError, match="keep_dtype asks for float32"):
+        plan(g, "allow_mix_precision", small_lib, keep_dtype=f)
+
+
+def test_keep_dtype_bad_line(tmp_path, small_lib):
+    f = tmp_path / "keep.txt"
+    f.write_text("mm\nType::Relu\n")
+    with pytest.raises(OverrideError, match=r"keep\.txt:2"):
+        plan(graph(G, ["rs:0"]), "force_fp16", small_lib, keep_dtype=f)
+
+
+# ---------------------------------------------------------------------- customize_dtypes
+def test_customize_dtypes_by_name_and_type(tmp_path, small_lib):
+    f = tmp_path / "custom.txt"
+    f.write_text("mm::InputDtype:float32,float32,OutputDtype:float32\nOpType::Relu:InputDtype:float16,OutputDtype:float32\n")
+    p = plan(graph(G, ["rs:0"]), "force_fp16", small_lib, customize_dtypes=f)
+    assert p["mm"].inputs == ("float32", "float32") and p["mm"].dtype == "float32"
+    assert p["mm"].reason == "customize_dtypes (custom.txt:1)"
+    assert p["r"].inputs == ("float16",) and p["r"].outputs == ("float32",)
+    assert ("mm:0", "float16") in casts(p)  # Relu reads float16 from a float32 MatMul
+
+
+def test_customize_dtypes_beats_keep_dtype(tmp_path, small_lib):
+    keep = tmp_path / "keep.txt"
+    keep.write_text("mm\n")
+    custom = tmp_path / "custom.txt"
+    custom.write_text("mm::InputDtype:float16,float16,OutputDtype:float16\n")
+    p = plan(graph(G, ["rs:0"]), "force_fp32", small_lib, keep_dtype=keep, customize_dtypes=custom)
+    assert p["mm"].dtype == "float16" and p["mm"].reason.startswith("customize_dtypes")
+
+
+@pytest.mark.parametrize(
+    "line,error,needle",
+    [
+        ("mm::InputDtype:float16,OutputDtype:float16", PrecisionError, "gives 1 input dtype(s), the node has 2"),
+        ("OpType::Conv2D:InputDtype:float32,float32", PrecisionError, "no float32 kernel"),
+        ("mm::InputDtype:flaot16,float16", OverrideError, "unknown dtype 'flaot16'"),
+        ("mm:InputDtype:float16", OverrideError, "expected 'OpName::"),
+        ("mm::float16,float16", OverrideError, "expected 'InputDtype"),
+        ("OpType::Relu", OverrideError, "expected 'OpType::<type>:InputDtype"),
+    ],
+)
+def test_customize_dtypes_errors(tmp_path, small_lib, line, error, needle):
+    f = tmp_path / "custom.txt"
+    f.write_text(line + "\n")
+    g = graph(G + [("c", "Conv2D", ["x:0", "w:0"])], ["rs:0", "c:0"])
+    with pytest.raises(error) as err:
+        plan(g, "allow_mix_precision", small_lib, customize_dtypes=f)
+    assert needle in str(err.value)
+
+
+# ---------------------------------------------------------------------- TF environment lists
+def env_plan(small_lib, env, mode="allow_mix_precision"):
+    return pp.plan(graph(G, ["rs:0"]), pp.RunConfig(precision_mode=mode, op_info=small_lib, env=env))
+
+
+P = "TF_AUTO_MIXED_PRECISION_GRAPH_REWRITE_"
+
+
+def test_env_lists_add_and_remove(small_lib):
+    p = env_plan(small_lib, {P + "DENYLIST_ADD": "Softmax", P + "ALLOWLIST_ADD": "ReduceSum"})
+    assert p["sm"].dtype == "float32" and "env TF_AUTO_MIXED_PRECISION_GRAPH_REWRITE_DENYLIST_ADD" in p["sm"].reason
+    assert p["rs"].dtype == "float16"
+    p = env_plan(small_lib, {P + "ALLOWLIST_REMOVE": "MatMulV2,Softmax"})
+    assert p["sm"].reason.startswith("gray: follows r")
+    p = env_plan(small_lib, {P + "CLEARLIST_ADD": "ReduceSum"})
+    assert p["rs"].dtype == "float16" and p["rs"].reason.startswith("gray")
+
+
+def test_env_lists_use_tf_op_names_and_warn_on_unknown(small_lib):
+    p = env_plan(small_lib, {P + "DENYLIST_ADD": "NotAnOp"})
+    assert any("NotAnOp" in w for w in p.warnings)
+
+
+def test_env_lists_conflict_is_an_error(small_lib):
+    with pytest.raises(OverrideError, match="two lists"):
+        env_plan(small_lib, {P + "DENYLIST_ADD": "Relu", P + "ALLOWLIST_ADD": "Relu"})
+
+
+def test_env_lists_apply_after_mixlist(tmp_path, small_lib):
+    f = mixlist(tmp_path, {"black-list": {"to-add": ["Relu"]}})
+    cfg = pp.RunConfig(precision_mode="allow_mix_precision", op_info=small_lib, modify_mixlist=f,
+                       env={P + "DENYLIST_REMOVE": "Relu"})
+    p = pp.plan(graph(G, ["rs:0"]), cfg)
+    assert p["r"].reason.startswith("gray")  # the env list had the last word
+
+
+def test_env_lists_read_from_os_environ(small_lib, monkeypatch):
+    monkeypatch.setenv(P + "DENYLIST_ADD", "Softmax")
+    p = pp.plan(graph(G, ["rs:0"]), pp.RunConfig(precision_mode="allow_mix_precision", op_info=small_lib))
+    assert p["sm"].dtype == "float32"
+    p = pp.plan(graph(G, ["rs:0"]), pp.RunConfig(precision_mode="allow_mix_precision", op_info=small_lib, use_env_lists=False))
+    assert p["sm"].dtype == "float16"
+
+
+def test_tf_alias_in_env_lists(small_lib):
+    from precision_policy.opinfo.overrides import tensorflow_aliases
+
+    aliases = tensorflow_aliases()
+    if "Sum" not in aliases:
+        pytest.skip("no tensorflow alias table")
+    p = env_plan(small_lib, {P + "DENYLIST_REMOVE": "Sum"})
+    assert p["rs"].reason.startswith("gray")
