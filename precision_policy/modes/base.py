@@ -39,6 +39,7 @@ class NoKernel(Exception):
 
 def choose(info: OpInfo, prefs: tuple[str, ...], first_reason: str, origin: str) -> Decision:
     """First dtype of ``prefs`` the op has a kernel for; falls back to any float kernel it has."""
+    prefs = tuple(dict.fromkeys(prefs))
     for k, d in enumerate(prefs):
         if info.supports(d):
             if k == 0:
@@ -319,8 +320,9 @@ class PrecisionMode:
                         casts[key3] = c
                     else:
                         c.for_fetch = True
-        for msg in warnings:
-            log.warning("%s", msg)
+        if warnings:
+            log.warning("%s: %d warning(s) while planning %r, e.g. %s (see CastPlan.warnings)",
+                        self.name, len(warnings), graph.name, warnings[0])
         return CastPlan(
             graph=graph,
             mode=self,

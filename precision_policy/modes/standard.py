@@ -113,10 +113,11 @@ class AllowMixPrecision(PrecisionMode):
             return _keep_f64(info, origin)
         low = self.low
         if flag == WHITE:
-            if info.supports(low):
-                return low, "white-list", None
-            d, why, warn = choose(info, (origin, F32), f"white-list, but no {low} kernel: keeps {origin}", origin)
-            return d, why, warn or f"{info.op_type} is white-listed but the library has no {low} kernel; runs in {d}"
+            d, why, warn = choose(info, (low, origin, F32), "white-list", origin)
+            if d != low:
+                why = f"white-list, but {why}"
+                warn = warn or f"{info.op_type} is white-listed but the library has no {low} kernel; runs in {d}"
+            return d, why, warn
         if flag == BLACK:
             if info.supports(origin):
                 return origin, "black-list", None
