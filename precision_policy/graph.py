@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from precision_policy import dtypes
 from precision_policy._jsonio import load_json_file
@@ -397,9 +397,33 @@ class OpGraph:
         return f"OpGraph({self.name!r}, {len(self)} nodes, outputs={self._fetches!r})"
 
 
+#: Extra graph readers, by kind: backends register themselves here
+#: (``"tensorflow"`` reads .pb, .pbtxt and SavedModel directories).
+GRAPH_LOADERS: dict[str, Callable[[Path], OpGraph]] = {}
+
+
 def load_graph(path: str | Path) -> OpGraph:
-    """Load a graph from JSON (framework backends extend this to .pb/.pbtxt/SavedModel)."""
-    return OpGraph.from_json(path)
+    """Load a graph: JSON here; TF ``.pb``/``.pbtxt``/SavedModel through the TensorFlow backend."""
+    p = Path(path)
+    is_tf = p.suffix in (".pb", ".pbtxt") or (p.is_dir() and (p / "saved_model.pb").exists())
+    if is_tf:
+        loader = GRAPH_LOADERS.get("tensorflow")
+        if loader is None:
+            try:
+                import precision_policy.backends.tensorflow  # noqa: F401  (registers its loader)
+            except ImportError:
+                pass
+            loader = GRAPH_LOADERS.get("tensorflow")
+        if loader is None:
+            raise GraphError(
+                "reading TensorFlow graphs (.pb, .pbtxt, SavedModel) needs TensorFlow and the TensorFlow backend: "
+                "pip install 'precision-policy[tensorflow]'",
+                file=p,
+            )
+        return loader(p)
+    if p.is_dir():
+        raise GraphError("expected a graph JSON file (or a TensorFlow SavedModel directory)", file=p)
+    return OpGraph.from_json(p)
 
 
 __all__ = ["GRAPH_FORMAT", "GRAPH_VERSION", "Node", "OpGraph", "PASSTHROUGH_OPS", "SOURCE_KINDS", "load_graph", "parse_tensor_ref"]
