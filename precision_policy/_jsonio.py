@@ -19,7 +19,9 @@ def load_json_file(path: str | Path, error: Callable[..., Exception]) -> Any:
     except UnicodeDecodeError as exc:
         raise error(f"not UTF-8 text ({exc.reason} at byte {exc.start})", file=p) from None
     except OSError as exc:
-        raise error(f"cannot read: {exc.strerror}", file=p) from None
+        raise error(f"cannot read: {exc.strerror or exc}", file=p) from None
+    except ValueError as exc:  # e.g. a NUL byte in the path
+        raise error(f"invalid path: {exc}", file=repr(str(path))) from None
     return loads_json_text(text, p, error)
 
 

@@ -167,7 +167,8 @@ def _edit(args: argparse.Namespace, flag: str | None) -> int:
         print(f"{result.op}: already {names[result.new_flag]} in {result.file}; file unchanged")
     else:
         created = " (new entry)" if result.created_op else ""
-        print(f"{result.op}: {names[result.old_flag]} -> {names[result.new_flag]}{created} in {result.file}")
+        old = names.get(result.old_flag, f"invalid flag {result.old_flag!r}")
+        print(f"{result.op}: {old} -> {names[result.new_flag]}{created} in {result.file}")
     return EXIT_OK
 
 

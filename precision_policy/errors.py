@@ -101,6 +101,15 @@ class GraphError(PrecisionPolicyError, ValueError):
         super().__init__(prefix + message)
 
 
+class WriteError(PrecisionPolicyError, OSError):
+    """A result file could not be written (missing folder, no permission, disk full). The old file is intact."""
+
+    def __init__(self, message: str, *, file: str | Path | None = None) -> None:
+        self.file = None if file is None else str(file)
+        self.reason = message
+        super().__init__(_where(file) + message)
+
+
 class PlanFormatError(PrecisionPolicyError, ValueError):
     """A cast-plan JSON document cannot be read back."""
 
@@ -125,4 +134,5 @@ __all__ = [
     "PlanFormatError",
     "PrecisionError",
     "PrecisionPolicyError",
+    "WriteError",
 ]

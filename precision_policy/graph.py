@@ -100,7 +100,7 @@ def parse_tensor_ref(ref: str) -> tuple[str, int]:
     name, sep, port = ref.rpartition(":")
     if not sep:
         return ref, 0
-    if port.isdigit():
+    if port.isascii() and port.isdigit():
         return name, int(port)
     raise ValueError(f"bad tensor reference {ref!r}: expected 'node:port' with an integer port")
 
@@ -248,7 +248,7 @@ class OpGraph:
                         pname, port = ref, 0
                     else:
                         pname, tail = ref[:colon], ref[colon + 1:]
-                        if not tail.isdigit():
+                        if not (tail.isascii() and tail.isdigit()):
                             raise GraphError(
                                 f"input {ref!r}: expected 'node:port' with an integer port", file=self.source, node=names[i]
                             )

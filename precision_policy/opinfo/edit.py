@@ -31,7 +31,7 @@ from json.decoder import scanstring
 from pathlib import Path
 
 from precision_policy._jsonio import loads_json_text
-from precision_policy.errors import OpInfoError
+from precision_policy.errors import OpInfoError, WriteError
 from precision_policy.opinfo.library import library_files, parse_library_text, resolve_library_path
 
 _WS = re.compile(r"[ \t\n\r]*")
@@ -58,6 +58,13 @@ class EditResult:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file in the same folder, fsync and rename."""
     path = Path(path)
+    try:
+        _atomic_write(path, text)
+    except OSError as exc:
+        raise WriteError(f"cannot write: {exc.strerror or exc}; the previous file, if any, is unchanged", file=path) from None
+
+
+def _atomic_write(path: Path, text: str) -> None:
     folder = path.parent if str(path.parent) else Path(".")
     mode = None
     if path.exists():
@@ -178,7 +185,7 @@ def _target_file(spec: str | Path, op: str, creating: bool) -> Path:
     if len(files) == 1:
         return files[0]
     for f in files:
-        data = _parse(f, f.read_text(encoding="utf-8"))
+        data = _parse(f, _read(f))
         if op in data:
             return f
     if creating:
@@ -187,6 +194,16 @@ def _target_file(spec: str | Path, op: str, creating: bool) -> Path:
             file=path,
         )
     raise OpInfoError(f"op {op!r} is not in this library", file=path)
+
+
+def _read(path: Path) -> str:
+    """The file's text with its line endings as they are (CRLF files stay CRLF)."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise OpInfoError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", file=path) from None
+    except OSError as exc:
+        raise OpInfoError(f"cannot read: {exc.strerror or exc}", file=path) from None
 
 
 def _parse(path: Path, text: str) -> dict:
@@ -211,10 +228,7 @@ def set_flag(spec: str | Path, op: str, flag: str | bool | None) -> EditResult:
     else:
         raise OpInfoError(f"flag must be 'true', 'false' or None (remove), got {flag!r}", op=op, field=FIELD)
     path = _target_file(spec, op, creating=new_flag is not None)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise OpInfoError(f"cannot read: {exc}", file=path) from None
+    text = _read(path)
     data = _parse(path, text)  # refuses a file that does not parse, before anything is written
     if not os.access(path, os.W_OK):
         raise OpInfoError(f"file is read-only; grant write permission first (chmod u+w {path})", file=path)

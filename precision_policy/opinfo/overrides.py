@@ -143,6 +143,8 @@ def _lines(path: Path) -> list[tuple[int, str]]:
         raise OverrideError("file not found", file=path) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise OverrideError(f"cannot read: {exc}", file=path) from None
+    except ValueError as exc:  # e.g. a NUL byte in the path
+        raise OverrideError(f"invalid path: {exc}", file=repr(str(path))) from None
     out = []
     for no, line in enumerate(text.splitlines(), start=1):
         line = line.split("#", 1)[0].strip()
