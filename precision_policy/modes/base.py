@@ -176,7 +176,8 @@ class PrecisionMode:
                 src[i] = src[j]
                 dtype[i] = actual_in[0] if is_float(actual_in[0]) else org
                 in_dt[i] = actual_in
-                out_dt[i] = (dtype[i],) + o[1:]
+                if o and is_float(o[0]):
+                    out_dt[i] = (dtype[i],) + o[1:]
                 reason[i] = f"reads {src[j]} {names[j]}"
                 continue
             name = names[i]
@@ -188,7 +189,7 @@ class PrecisionMode:
             if not must_keep and (ov.keep_names or ov.keep_types):
                 keep_where = ov.keep_names.get(name) or ov.keep_types.get(op)
             # ---------------------------------------------------------- the decision
-            if op == "Cast" and ins and spec is None:
+            if op == "Cast" and ins and o and spec is None:
                 # an existing Cast reads whatever its producer now gives (absorbing the cast that
                 # would go before it) and keeps its target; see _absorb_into_casts for the other side
                 d, warn = org, None
@@ -268,7 +269,7 @@ class PrecisionMode:
             if warn:
                 warnings.append(f"{name}: {warn}")
             # ---------------------------------------------------------- kernel variant -> per-tensor dtypes
-            if op == "Cast" and spec is None:
+            if op == "Cast" and ins and o and spec is None:
                 want_in = actual_in
                 new_out = tuple(d if is_float(x) else x for x in o)
             else:
@@ -296,7 +297,8 @@ class PrecisionMode:
                         if c is None:
                             c = Cast(j, p, a, w, src[j] or "op", [], False)
                             casts[key3] = c
-                        c.consumers.append(i)
+                        if not c.consumers or c.consumers[-1] != i:  # an op reading x twice is one consumer
+                            c.consumers.append(i)
         if problems:
             raise PrecisionError(_problem_message(self.name, library, problems), problems)
         fetched = res.is_fetch if keep_output_dtype else set()

@@ -1,0 +1,601 @@
+"""End-to-end tests of the ``precision-policy`` command, run as real subprocesses.
+
+Every test works on copies in ``tmp_path``; the repository's shipped files are never edited.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CONV = REPO / "examples" / "graphs" / "conv2d_bias_relu.json"
+SHIPPED_910 = REPO / "opinfo_db" / "ascend910" / "aic-ascend910-ops-info.json"
+CONSOLE_SCRIPT = Path(sys.executable).parent / ("precision-policy.exe" if os.name == "nt" else "precision-policy")
+
+SUMMARY = (
+    "Converted 3/8 nodes to float16 precision using 1 cast(s) to float16 "
+    "(excluding Const and Variable casts)"
+)
+
+#: DESIGN.md's mode table: mode -> aliases it lists.
+DESIGN_MODES = {
+    "force_fp32": ["cube_fp16in_fp32out"],
+    "must_keep_origin_dtype": ["origin"],
+    "allow_fp32_to_fp16": ["default"],
+    "force_fp16": ["fp16"],
+    "allow_mix_precision": ["allow_mix_precision_fp16", "mixed_float16"],
+    "allow_fp32_to_bf16": [],
+    "allow_mix_precision_bf16": ["mixed_bfloat16"],
+    "force_bf16": [],
+}
+
+
+def _env() -> dict[str, str]:
+    """The environment without TF's AMP list variables (the CLI reads them in mixed modes)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TF_AUTO_MIXED_PRECISION_GRAPH_REWRITE_")}
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m precision_policy ARGS`` and return the completed process (text mode)."""
+    return subprocess.run(
+        [sys.executable, "-m", "precision_policy", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd or REPO,
+        env=_env(),
+        timeout=120,
+    )
+
+
+def cli_bytes(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "precision_policy", *map(str, args)],
+        capture_output=True,
+        cwd=REPO,
+        env=_env(),
+        timeout=120,
+    )
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+def fails(proc: subprocess.CompletedProcess, code: int) -> str:
+    assert proc.returncode == code, f"exit {proc.returncode}, wanted {code}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.stderr
+
+
+@pytest.fixture
+def lib_copy(tmp_path: Path) -> Path:
+    """A private copy of the shipped ascend910 op-info file."""
+    dest = tmp_path / SHIPPED_910.name
+    shutil.copyfile(SHIPPED_910, dest)
+    return dest
+
+
+def write_graph(path: Path, nodes: list[dict], outputs: list[str]) -> Path:
+    path.write_text(json.dumps({"format": "precision_policy.graph", "version": 1, "nodes": nodes, "outputs": outputs}, indent=1))
+    return path
+
+
+def entry_span(text: str, op: str) -> tuple[int, int]:
+    """(start of the top-level ``"op"`` key, one past the end of its value) in an op-info file's text."""
+    dec = json.JSONDecoder()
+    top, _ = dec.raw_decode(text)  # the whole document parses
+    assert op in top
+    # walk the top-level members so that a nested key of the same name cannot fool us
+    i = text.index("{") + 1
+    while True:
+        while text[i] in " \t\r\n,":
+            i += 1
+        key_start = i
+        key, i = json.decoder.scanstring(text, i + 1)
+        while text[i] in " \t\r\n:":
+            i += 1
+        _, end = dec.raw_decode(text, i)
+        if key == op:
+            return key_start, end
+        i = end
+
+
+# ---------------------------------------------------------------------- modes / help / console script
+def test_help_exits_0():
+    proc = ok(cli("--help"))
+    for command in ("modes", "validate", "plan", "explain", "pin", "unpin", "set-flag", "schema"):
+        assert command in proc.stdout
+
+
+def test_console_script_is_installed_and_runs():
+    if not CONSOLE_SCRIPT.exists():
+        pytest.skip(f"console script not installed next to {sys.executable}")
+    proc = subprocess.run([str(CONSOLE_SCRIPT), "plan", str(CONV), "--mode", "allow_mix_precision"],
+                          capture_output=True, text=True, env=_env(), cwd=REPO, timeout=120)
+    ok(proc)
+    assert proc.stdout.splitlines()[0] == SUMMARY
+    proc = subprocess.run([str(CONSOLE_SCRIPT), "modes", "--json"], capture_output=True, text=True, env=_env(), timeout=120)
+    assert {m["name"] for m in json.loads(ok(proc).stdout)["modes"]} == set(DESIGN_MODES)
+
+
+def test_modes_text_lists_every_mode_and_alias():
+    out = ok(cli("modes")).stdout
+    rows = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    for mode, aliases in DESIGN_MODES.items():
+        assert mode in rows, f"{mode} missing from:\n{out}"
+        for alias in aliases:
+            assert alias in rows[mode], f"alias {alias} not on the row of {mode}: {rows[mode]!r}"
+    assert "default: allow_fp32_to_fp16" in out
+
+
+def test_modes_json_lists_every_mode_and_alias():
+    doc = json.loads(ok(cli("modes", "--json")).stdout)
+    by_name = {m["name"]: m for m in doc["modes"]}
+    assert set(by_name) == set(DESIGN_MODES)
+    assert [m["name"] for m in doc["modes"]] == list(DESIGN_MODES)  # the table's order
+    for mode, aliases in DESIGN_MODES.items():
+        assert set(aliases) <= set(by_name[mode]["aliases"])
+        assert by_name[mode]["low_dtype"] == ("bfloat16" if "bf16" in mode else "float16")
+    assert doc["default"] == "allow_fp32_to_fp16"
+    assert doc["precision_mode_v2"]["mixed_float16"] == "allow_mix_precision"
+    assert doc["precision_mode_v2"]["origin"] == "must_keep_origin_dtype"
+
+
+# ---------------------------------------------------------------------- validate
+def test_validate_shipped_name_folder_and_file(lib_copy: Path):
+    by_name = ok(cli("validate", "ascend910")).stdout
+    assert by_name.startswith("OK: ascend910:") and "op types in 1 file(s)" in by_name
+    ok(cli("validate", REPO / "opinfo_db" / "ascend910"))
+    ok(cli("validate", "opinfo_db/ascend910b"))
+    out = ok(cli("validate", lib_copy)).stdout
+    assert out.startswith("OK: ")
+    doc = json.loads(ok(cli("validate", lib_copy.parent, "--json")).stdout)
+    assert doc["valid"] is True and doc["files"] == [str(lib_copy)]
+    assert doc["ops"] >= 150 and doc["white"] + doc["black"] + doc["gray"] == doc["ops"]
+    assert doc["ops_with_float_kernel"].get("bfloat16", 0) == 0  # ascend910 has no bf16 kernels
+
+
+def test_validate_missing_library_is_usage_error(tmp_path: Path):
+    err = fails(cli("validate", tmp_path / "nope.json"), 2)
+    assert "nope.json" in err and "Shipped libraries" in err
+
+
+def test_validate_malformed_json_names_file_line_and_column(tmp_path: Path):
+    bad = tmp_path / "aic-bad-ops-info.json"
+    text = '{\n    "Relu": {\n        "op": {"pattern": "x"},,\n        "opFile": {"value": "relu"}\n    }\n}\n'
+    bad.write_text(text)
+    with pytest.raises(json.JSONDecodeError) as exc:
+        json.loads(text)
+    line, col = exc.value.lineno, exc.value.colno
+    assert line == 3
+    err = fails(cli("validate", bad), 2)
+    assert f"{bad}:{line}:{col}" in err, err
+    assert "malformed JSON" in err
+
+
+def test_validate_wrong_flag_names_file_op_and_field(lib_copy: Path):
+    data = json.loads(lib_copy.read_text())
+    data["Relu"]["precision_reduce"] = {"flag": "yes"}
+    lib_copy.write_text(json.dumps(data, indent=4))
+    err = fails(cli("validate", lib_copy), 2)
+    assert str(lib_copy) in err and "'Relu'" in err and "precision_reduce" in err and "'yes'" in err, err
+
+
+def test_validate_unknown_dtype_lists_valid_choices(tmp_path: Path):
+    bad = tmp_path / "ops.json"
+    bad.write_text(json.dumps({"Relu": {"input0": {"name": "x", "dtype": "float16,flaot"}}}))
+    err = fails(cli("validate", bad), 2)
+    assert "'Relu'" in err and "input0" in err and "flaot" in err and "float32" in err and "bfloat16" in err, err
+
+
+# ---------------------------------------------------------------------- plan
+def test_plan_prints_summary_table_and_casts():
+    out = ok(cli("plan", CONV, "--mode", "allow_mix_precision")).stdout
+    lines = out.splitlines()
+    assert lines[0] == SUMMARY
+    table = {ln.split()[0]: ln for ln in lines if ln.split() and ln.split()[0] in ("myConv", "BiasAdd", "myOutput")}
+    assert set(table) == {"myConv", "BiasAdd", "myOutput"}
+    assert "Conv2D" in table["myConv"] and "float32 -> float16" in table["myConv"] and "white-list" in table["myConv"]
+    assert "gray: follows myConv" in table["BiasAdd"]
+    assert "gray: follows BiasAdd" in table["myOutput"]
+    assert "casts:" in out and "myOutput:0" in out
+    assert "unknown op types" not in out
+
+
+def test_plan_mode_v2_alias_gives_the_same_plan():
+    a = ok(cli("plan", CONV, "--mode", "allow_mix_precision", "--json")).stdout
+    b = ok(cli("plan", CONV, "--mode-v2", "mixed_float16", "--json")).stdout
+    c = ok(cli("plan", CONV, "--mode", "allow_mix_precision_fp16", "--json")).stdout
+    assert json.loads(a)["nodes"] == json.loads(b)["nodes"] == json.loads(c)["nodes"]
+
+
+def test_plan_json_nodes_casts_and_output_file(tmp_path: Path):
+    out_file = tmp_path / "plan.json"
+    proc = ok(cli("plan", CONV, "--mode", "allow_mix_precision", "--json", "-o", out_file))
+    doc = json.loads(proc.stdout)
+    graph = json.loads(CONV.read_text())
+    assert set(doc["nodes"]) == {n["name"] for n in graph["nodes"]}
+    for name, node in doc["nodes"].items():
+        assert "dtype" in node and isinstance(node["reason"], str) and node["reason"], name
+    assert doc["nodes"]["myConv"]["dtype"] == "float16"
+    assert doc["nodes"]["BiasAdd"]["dtype"] == "float16"
+    assert doc["nodes"]["myOutput"]["dtype"] == "float16"
+    assert doc["summary"] == SUMMARY
+    assert doc["casts"] and all({"tensor", "to"} <= set(c) for c in doc["casts"])
+    assert ("myOutput:0", "float32") in {(c["tensor"], c["to"]) for c in doc["casts"]}  # fetch kept float32
+    assert out_file.read_text() == proc.stdout
+    # -o without --json writes the same document and prints the human form
+    out2 = tmp_path / "plan2.json"
+    proc2 = ok(cli("plan", CONV, "--mode", "allow_mix_precision", "-o", out2))
+    assert proc2.stdout.startswith(SUMMARY) and str(out2) in proc2.stdout
+    assert out2.read_bytes() == out_file.read_bytes()
+
+
+def test_plan_json_is_byte_identical_across_runs():
+    a = ok(cli_bytes("plan", CONV, "--mode", "allow_mix_precision", "--json"))
+    b = ok(cli_bytes("plan", CONV, "--mode", "allow_mix_precision", "--json"))
+    assert a.stdout == b.stdout and a.stdout.endswith(b"\n")
+
+
+def test_plan_lists_unknown_op_types(tmp_path: Path):
+    g = write_graph(tmp_path / "custom.json", [
+        {"name": "x", "op": "Placeholder", "outputs": ["float32"]},
+        {"name": "conv", "op": "Conv2D", "inputs": ["x:0", "x:0"], "outputs": ["float32"]},
+        {"name": "mine", "op": "MyCustomOp", "inputs": ["conv:0"], "outputs": ["float32"]},
+        {"name": "mine2", "op": "MyCustomOp", "inputs": ["mine:0"], "outputs": ["float32"]},
+    ], ["mine2:0"])
+    out = ok(cli("plan", g, "--mode", "allow_mix_precision")).stdout
+    assert "unknown op types" in out and "MyCustomOp: 2 node(s), e.g. mine" in out
+    doc = json.loads(ok(cli("plan", g, "--mode", "allow_mix_precision", "--json")).stdout)
+    assert doc["unknown_ops"] == {"MyCustomOp": ["mine", "mine2"]}
+    assert doc["nodes"]["mine"]["dtype"] == "float32" and "unknown op type" in doc["nodes"]["mine"]["reason"]
+    # the unknown op keeps float32, so the float16 conv output is cast back for it
+    assert ("conv:0", "float32") in {(c["tensor"], c["to"]) for c in doc["casts"]}
+
+
+def test_plan_must_keep_origin_dtype_is_precision_error():
+    err = fails(cli("plan", CONV, "--mode", "must_keep_origin_dtype"), 1)
+    assert "myConv" in err and "Conv2D" in err and "float16" in err, err
+    fails(cli("plan", CONV, "--mode-v2", "origin"), 1)
+
+
+def test_unknown_mode_lists_valid_modes_and_closest():
+    err = fails(cli("plan", CONV, "--mode", "allow_mix_precison"), 2)
+    assert "'allow_mix_precison'" in err and "Did you mean 'allow_mix_precision'" in err, err
+    for mode in DESIGN_MODES:
+        assert mode in err
+    err = fails(cli("plan", CONV, "--mode-v2", "mixed_flaot16"), 2)
+    assert "mixed_float16" in err
+
+
+def test_mode_and_mode_v2_together_is_usage_error():
+    err = fails(cli("plan", CONV, "--mode", "allow_mix_precision", "--mode-v2", "mixed_float16"), 2)
+    assert "--mode" in err and "--mode-v2" in err
+
+
+def test_missing_graph_file_is_usage_error(tmp_path: Path):
+    missing = tmp_path / "no_such_graph.json"
+    err = fails(cli("plan", missing, "--mode", "allow_mix_precision"), 2)
+    assert str(missing) in err and "not found" in err
+
+
+def test_graph_with_dangling_input_is_usage_error(tmp_path: Path):
+    g = write_graph(tmp_path / "dangling.json", [
+        {"name": "x", "op": "Placeholder", "outputs": ["float32"]},
+        {"name": "relu", "op": "Relu", "inputs": ["ghost:0"], "outputs": ["float32"]},
+    ], ["relu:0"])
+    err = fails(cli("plan", g), 2)
+    assert "relu" in err and "ghost:0" in err and str(g) in err, err
+
+
+def test_malformed_graph_json_names_line_and_column(tmp_path: Path):
+    g = tmp_path / "broken.json"
+    g.write_text('{"nodes": [\n  {"name": "x" "op": "Placeholder"}\n]}\n')
+    err = fails(cli("plan", g), 2)
+    assert f"{g}:2:" in err, err
+
+
+def test_unknown_op_info_library_is_usage_error():
+    err = fails(cli("plan", CONV, "--op-info", "ascend91"), 2)
+    assert "ascend910" in err
+
+
+def test_unknown_flag_value_is_rejected_by_argparse(lib_copy: Path):
+    before = lib_copy.read_bytes()
+    fails(cli("set-flag", "Relu", "yes", "--op-info", lib_copy), 2)
+    assert lib_copy.read_bytes() == before
+
+
+# ---------------------------------------------------------------------- explain
+def test_explain_prints_both_nodes_with_reasons():
+    out = ok(cli("explain", CONV, "myConv", "BiasAdd", "--mode", "allow_mix_precision")).stdout
+    assert out.splitlines()[0] == SUMMARY
+    assert "myConv (Conv2D)" in out and "BiasAdd (BiasAdd)" in out
+    conv_part, bias_part = out.split("BiasAdd (BiasAdd)")
+    assert "white-list" in conv_part and "cube op (heavyOp)" in conv_part
+    assert "gray: follows myConv" in bias_part and "float16" in bias_part
+
+
+def test_explain_json():
+    doc = json.loads(ok(cli("explain", CONV, "myConv", "BiasAdd", "--mode", "allow_mix_precision", "--json")).stdout)
+    assert doc["summary"] == SUMMARY
+    assert set(doc["nodes"]) == {"myConv", "BiasAdd"} == set(doc["explain"])
+    assert doc["nodes"]["myConv"]["reason"] == "white-list" and doc["nodes"]["myConv"]["dtype"] == "float16"
+    assert doc["nodes"]["BiasAdd"]["reason"] == "gray: follows myConv"
+    assert "myConv (Conv2D)" in doc["explain"]["myConv"]
+
+
+def test_explain_unknown_node_is_usage_error():
+    err = fails(cli("explain", CONV, "myConvv", "--mode", "allow_mix_precision"), 2)
+    assert "myConvv" in err and "myConv" in err
+
+
+# ---------------------------------------------------------------------- the pin -> plan round trip
+def _plan_json(graph: Path, lib: Path, mode: str = "allow_mix_precision") -> dict:
+    return json.loads(ok(cli("plan", graph, "--mode", mode, "--op-info", lib, "--json")).stdout)
+
+
+def test_pin_plan_unpin_round_trip(lib_copy: Path):
+    original = lib_copy.read_bytes()
+    original_text = original.decode("utf-8")
+    assert "precision_reduce" not in json.loads(original_text)["BiasAdd"], "BiasAdd must start gray for this test"
+
+    before = _plan_json(CONV, lib_copy)
+    assert before["nodes"]["BiasAdd"]["dtype"] == "float16"
+    assert before["nodes"]["BiasAdd"]["reason"] == "gray: follows myConv"
+
+    proc = ok(cli("pin", "BiasAdd", "--op-info", lib_copy))
+    assert "BiasAdd" in proc.stdout and "black" in proc.stdout
+    edited_text = lib_copy.read_text(encoding="utf-8")
+
+    # every byte outside the BiasAdd entry is unchanged
+    s0, e0 = entry_span(original_text, "BiasAdd")
+    s1, e1 = entry_span(edited_text, "BiasAdd")
+    assert s0 == s1
+    assert edited_text[:s1] == original_text[:s0]
+    assert edited_text[e1:] == original_text[e0:]
+    # inside it, only precision_reduce was added; key order of the whole file is kept
+    a, b = json.loads(original_text), json.loads(edited_text)
+    assert b["BiasAdd"]["precision_reduce"] == {"flag": "false"}
+    assert list(a) == list(b)
+    assert list(b["BiasAdd"])[: len(a["BiasAdd"])] == list(a["BiasAdd"])
+    del b["BiasAdd"]["precision_reduce"]
+    assert a == b
+
+    after = _plan_json(CONV, lib_copy)
+    assert after["nodes"]["myConv"]["dtype"] == "float16"
+    assert after["nodes"]["BiasAdd"]["dtype"] == "float32"
+    assert after["nodes"]["BiasAdd"]["reason"] == "black-list"
+    assert after["nodes"]["myOutput"]["dtype"] == "float32"
+    assert after["nodes"]["myOutput"]["reason"] == "gray: follows BiasAdd"
+    assert ("myConv:0", "float32") in {(c["tensor"], c["to"]) for c in after["casts"]}
+    assert not any(c["tensor"] == "myOutput:0" for c in after["casts"])  # already float32
+    summary = ok(cli("plan", CONV, "--mode", "allow_mix_precision", "--op-info", lib_copy)).stdout.splitlines()[0]
+    assert summary.startswith("Converted 1/8 nodes to float16 precision")
+
+    # pinning again changes nothing
+    proc = ok(cli("pin", "BiasAdd", "--op-info", lib_copy, "--json"))
+    assert json.loads(proc.stdout)["changed"] is False
+    assert lib_copy.read_text(encoding="utf-8") == edited_text
+
+    # unpin restores every byte
+    proc = ok(cli("unpin", "BiasAdd", "--op-info", lib_copy, "--json"))
+    res = json.loads(proc.stdout)
+    assert res["old_flag"] == "false" and res["new_flag"] is None and res["changed"] is True
+    assert lib_copy.read_bytes() == original
+    assert _plan_json(CONV, lib_copy)["nodes"] == before["nodes"]
+
+
+def test_set_flag_existing_and_new_op(lib_copy: Path, tmp_path: Path):
+    original_text = lib_copy.read_text(encoding="utf-8")
+    a = json.loads(original_text)
+    assert "precision_reduce" not in a["Relu"] and "MyCustomOp" not in a
+
+    res = json.loads(ok(cli("set-flag", "Relu", "true", "--op-info", lib_copy, "--json")).stdout)
+    assert res == {"file": str(lib_copy), "op": "Relu", "old_flag": None, "new_flag": "true", "changed": True, "created_op": False}
+    text = lib_copy.read_text(encoding="utf-8")
+    s0, e0 = entry_span(original_text, "Relu")
+    s1, e1 = entry_span(text, "Relu")
+    assert text[:s1] == original_text[:s0] and text[e1:] == original_text[e0:]
+    b = json.loads(text)
+    assert b["Relu"]["precision_reduce"] == {"flag": "true"}
+    # Relu white after a gray BiasAdd pinned black: runs float16 because of its own flag
+    ok(cli("pin", "BiasAdd", "--op-info", lib_copy))
+    plan = _plan_json(CONV, lib_copy)
+    assert plan["nodes"]["myOutput"]["dtype"] == "float16" and plan["nodes"]["myOutput"]["reason"] == "white-list"
+
+    # flipping an existing flag edits just the value
+    ok(cli("set-flag", "Relu", "false", "--op-info", lib_copy))
+    assert json.loads(lib_copy.read_text())["Relu"]["precision_reduce"] == {"flag": "false"}
+
+    # an op not in the file is added, with just the flag, at its sorted place
+    g = write_graph(tmp_path / "custom.json", [
+        {"name": "x", "op": "Placeholder", "outputs": ["float32"]},
+        {"name": "mine", "op": "MyCustomOp", "inputs": ["x:0"], "outputs": ["float32"]},
+    ], ["mine:0"])
+    assert _plan_json(g, lib_copy)["unknown_ops"] == {"MyCustomOp": ["mine"]}
+    before_add = lib_copy.read_text(encoding="utf-8")
+    res = json.loads(ok(cli("set-flag", "MyCustomOp", "true", "--op-info", lib_copy, "--json")).stdout)
+    assert res["created_op"] is True and res["new_flag"] == "true"
+    c = json.loads(lib_copy.read_text(encoding="utf-8"))
+    assert c["MyCustomOp"] == {"precision_reduce": {"flag": "true"}}
+    before_keys = list(json.loads(before_add))
+    if before_keys == sorted(before_keys):
+        assert list(c) == sorted(c)
+    assert {k: v for k, v in c.items() if k != "MyCustomOp"} == json.loads(before_add)
+    ok(cli("validate", lib_copy))
+    plan = _plan_json(g, lib_copy)
+    assert plan["unknown_ops"] == {}
+    assert plan["nodes"]["mine"]["reason"] == "white-list" and plan["nodes"]["mine"]["dtype"] == "float16"
+
+
+def test_unpin_op_not_in_file_is_usage_error(lib_copy: Path):
+    before = lib_copy.read_bytes()
+    err = fails(cli("unpin", "MyCustomOp", "--op-info", lib_copy), 2)
+    assert "MyCustomOp" in err
+    assert lib_copy.read_bytes() == before
+
+
+def test_pin_refuses_file_that_does_not_parse(tmp_path: Path):
+    bad = tmp_path / "ops.json"
+    text = SHIPPED_910.read_text(encoding="utf-8")
+    cut = text.index('"BiasAdd": {') + len('"BiasAdd": {')
+    broken = text[:cut] + ",," + text[cut:]  # a stray ",," at the start of the BiasAdd entry
+    with pytest.raises(json.JSONDecodeError) as exc:
+        json.loads(broken)
+    bad.write_text(broken, encoding="utf-8")
+    before = bad.read_bytes()
+    err = fails(cli("pin", "BiasAdd", "--op-info", bad), 2)
+    assert f"{bad}:{exc.value.lineno}:{exc.value.colno}" in err and "malformed JSON" in err, err
+    fails(cli("unpin", "BiasAdd", "--op-info", bad), 2)
+    fails(cli("set-flag", "Relu", "true", "--op-info", bad), 2)
+    assert bad.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ops.json"]  # no temp files left behind
+
+
+def test_pin_refuses_file_whose_top_level_is_not_an_object(tmp_path: Path):
+    bad = tmp_path / "ops.json"
+    bad.write_text('[{"BiasAdd": {}}]\n')
+    before = bad.read_bytes()
+    fails(cli("pin", "BiasAdd", "--op-info", bad), 2)
+    assert bad.read_bytes() == before
+
+
+def test_pin_read_only_file(lib_copy: Path):
+    lib_copy.chmod(0o444)
+    try:
+        if os.access(lib_copy, os.W_OK):
+            pytest.skip("running as a user (root) for whom a 0444 file is still writable")
+        before = lib_copy.read_bytes()
+        err = fails(cli("pin", "BiasAdd", "--op-info", lib_copy), 2)
+        assert "chmod u+w" in err and str(lib_copy) in err
+        assert lib_copy.read_bytes() == before
+    finally:
+        lib_copy.chmod(0o644)
+
+
+def test_pin_read_only_file_message_when_access_is_denied(lib_copy: Path):
+    """Same path as above, for runs as root: os.access is made to say 'not writable', as it does for users."""
+    script = (
+        "import os, sys\n"
+        "from precision_policy.opinfo import edit\n"
+        "real = os.access\n"
+        "edit.os.access = lambda p, mode, *a, **k: False if mode == os.W_OK else real(p, mode, *a, **k)\n"
+        "from precision_policy.cli import main\n"
+        "sys.exit(main(['pin', 'BiasAdd', '--op-info', sys.argv[1]]))\n"
+    )
+    before = lib_copy.read_bytes()
+    proc = subprocess.run([sys.executable, "-c", script, str(lib_copy)], capture_output=True, text=True, env=_env(), timeout=120)
+    err = fails(proc, 2)
+    assert "chmod u+w" in err and str(lib_copy) in err
+    assert lib_copy.read_bytes() == before
+
+
+def test_pin_keeps_file_mode(lib_copy: Path):
+    lib_copy.chmod(0o640)
+    ok(cli("pin", "BiasAdd", "--op-info", lib_copy))
+    assert stat.S_IMODE(lib_copy.stat().st_mode) == 0o640
+
+
+def test_crash_mid_write_leaves_old_file_intact(lib_copy: Path):
+    """The process dies after the temp file is written and before the rename: the old file survives."""
+    script = (
+        "import os, sys\n"
+        "from precision_policy.opinfo import edit\n"
+        "edit.os.fsync = lambda fd: os._exit(9)\n"
+        "edit.pin(sys.argv[1], 'BiasAdd')\n"
+        "os._exit(0)\n"
+    )
+    before = lib_copy.read_bytes()
+    proc = subprocess.run([sys.executable, "-c", script, str(lib_copy)], capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode == 9, proc.stderr
+    assert lib_copy.read_bytes() == before
+    assert "precision_reduce" not in json.loads(lib_copy.read_text(encoding="utf-8"))["BiasAdd"]
+    ok(cli("validate", lib_copy))
+    # the crash really happened mid-edit: the abandoned temp file holds the new text
+    leftovers = [p for p in lib_copy.parent.iterdir() if p.name != lib_copy.name]
+    assert len(leftovers) == 1 and leftovers[0].name.startswith(f".{lib_copy.name}.")
+    assert json.loads(leftovers[0].read_text(encoding="utf-8"))["BiasAdd"]["precision_reduce"] == {"flag": "false"}
+    # and the CLI still edits the intact file afterwards
+    ok(cli("pin", "BiasAdd", "--op-info", lib_copy))
+    assert json.loads(lib_copy.read_text())["BiasAdd"]["precision_reduce"] == {"flag": "false"}
+
+
+def test_plan_output_into_missing_folder_is_usage_error(tmp_path: Path):
+    target = tmp_path / "no_such_dir" / "plan.json"
+    err = fails(cli("plan", CONV, "-o", target), 2)
+    assert str(target.parent) in err
+
+
+def test_pin_write_failure_is_usage_error(lib_copy: Path):
+    script = (
+        "import errno, os, sys\n"
+        "from precision_policy.opinfo import edit\n"
+        "def full(fd):\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "edit.os.fsync = full\n"
+        "from precision_policy.cli import main\n"
+        "sys.exit(main(['pin', 'BiasAdd', '--op-info', sys.argv[1]]))\n"
+    )
+    before = lib_copy.read_bytes()
+    proc = subprocess.run([sys.executable, "-c", script, str(lib_copy)], capture_output=True, text=True, env=_env(), timeout=120)
+    assert lib_copy.read_bytes() == before  # this part holds: the old file is intact, the temp file removed
+    assert sorted(p.name for p in lib_copy.parent.iterdir()) == [lib_copy.name]
+    err = fails(proc, 2)
+    assert "No space left" in err and str(lib_copy) in err
+
+
+# ---------------------------------------------------------------------- schema
+def test_schema_validates_shipped_file_and_catches_bad_flag():
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads(ok(cli("schema")).stdout)
+    assert schema["$schema"].startswith("https://json-schema.org/draft/2020-12")
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    for lib in ("ascend910", "ascend910b"):
+        for f in sorted((REPO / "opinfo_db" / lib).glob("*.json")):
+            errors = list(validator.iter_errors(json.loads(f.read_text(encoding="utf-8"))))
+            assert errors == [], f"{f}: {[e.message for e in errors[:5]]}"
+    data = json.loads(SHIPPED_910.read_text(encoding="utf-8"))
+    data["Relu"]["precision_reduce"] = {"flag": "yes"}
+    errors = list(validator.iter_errors(data))
+    assert errors and any("yes" in e.message for e in errors)
+    assert any(list(e.absolute_path)[:2] == ["Relu", "precision_reduce"] for e in errors)
+    data = json.loads(SHIPPED_910.read_text(encoding="utf-8"))
+    data["Conv2D"]["input0"] = "float16"  # a tensor field must be an object
+    assert list(validator.iter_errors(data))
+
+
+def test_pin_over_an_invalid_flag_value_reports_cleanly(tmp_path: Path):
+    lib = tmp_path / "ops.json"
+    lib.write_text('{\n    "Relu": {"precision_reduce": {"flag": "yes"}}\n}\n')
+    proc = cli("pin", "Relu", "--op-info", lib)
+    # whatever the CLI decides (repair the flag, or refuse), it must not crash half-way
+    assert "Traceback" not in proc.stderr, proc.stderr
+    if proc.returncode == 0:
+        assert json.loads(lib.read_text())["Relu"]["precision_reduce"] == {"flag": "false"}
+    else:
+        assert proc.returncode == 2
+        assert "yes" in lib.read_text()
+
+
+def test_pin_unpin_keeps_crlf_line_endings(tmp_path: Path):
+    lib = tmp_path / "aic-crlf-ops-info.json"
+    lib.write_bytes(SHIPPED_910.read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+    original = lib.read_bytes()
+    ok(cli("pin", "BiasAdd", "--op-info", lib))
+    edited = lib.read_bytes()
+    assert edited.count(b"\r\n") == edited.count(b"\n"), "line endings were changed"
+    ok(cli("unpin", "BiasAdd", "--op-info", lib))
+    assert lib.read_bytes() == original
