@@ -63,6 +63,23 @@ def graph(nodes: list[tuple], outputs: list[str], name: str = "g") -> pp.OpGraph
     return g
 
 
+def json_entry_span(text: str, key: str) -> tuple[int, int]:
+    """(start of the top-level ``key``, one past the end of its value) in a JSON object's text."""
+    dec = json.JSONDecoder()
+    i = text.index("{") + 1
+    while True:
+        while text[i] in " \t\r\n,":
+            i += 1
+        key_start = i
+        found, i = json.decoder.scanstring(text, i + 1)
+        while text[i] in " \t\r\n:":
+            i += 1
+        _, end = dec.raw_decode(text, i)
+        if found == key:
+            return key_start, end
+        i = end
+
+
 def plan(g: pp.OpGraph, mode: str, lib: Path | str, **kw: Any) -> pp.CastPlan:
     kw.setdefault("use_env_lists", False)
     return pp.plan(g, pp.RunConfig(precision_mode=mode, op_info=lib, **kw))

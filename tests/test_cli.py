@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import json_entry_span
+
 REPO = Path(__file__).resolve().parent.parent
 CONV = REPO / "examples" / "graphs" / "conv2d_bias_relu.json"
 SHIPPED_910 = REPO / "opinfo_db" / "ascend910" / "aic-ascend910-ops-info.json"
@@ -89,26 +91,6 @@ def lib_copy(tmp_path: Path) -> Path:
 def write_graph(path: Path, nodes: list[dict], outputs: list[str]) -> Path:
     path.write_text(json.dumps({"format": "precision_policy.graph", "version": 1, "nodes": nodes, "outputs": outputs}, indent=1))
     return path
-
-
-def entry_span(text: str, op: str) -> tuple[int, int]:
-    """(start of the top-level ``"op"`` key, one past the end of its value) in an op-info file's text."""
-    dec = json.JSONDecoder()
-    top, _ = dec.raw_decode(text)  # the whole document parses
-    assert op in top
-    # walk the top-level members so that a nested key of the same name cannot fool us
-    i = text.index("{") + 1
-    while True:
-        while text[i] in " \t\r\n,":
-            i += 1
-        key_start = i
-        key, i = json.decoder.scanstring(text, i + 1)
-        while text[i] in " \t\r\n:":
-            i += 1
-        _, end = dec.raw_decode(text, i)
-        if key == op:
-            return key_start, end
-        i = end
 
 
 # ---------------------------------------------------------------------- modes / help / console script
@@ -360,8 +342,8 @@ def test_pin_plan_unpin_round_trip(lib_copy: Path):
     edited_text = lib_copy.read_text(encoding="utf-8")
 
     # every byte outside the BiasAdd entry is unchanged
-    s0, e0 = entry_span(original_text, "BiasAdd")
-    s1, e1 = entry_span(edited_text, "BiasAdd")
+    s0, e0 = json_entry_span(original_text, "BiasAdd")
+    s1, e1 = json_entry_span(edited_text, "BiasAdd")
     assert s0 == s1
     assert edited_text[:s1] == original_text[:s0]
     assert edited_text[e1:] == original_text[e0:]
@@ -405,8 +387,8 @@ def test_set_flag_existing_and_new_op(lib_copy: Path, tmp_path: Path):
     res = json.loads(ok(cli("set-flag", "Relu", "true", "--op-info", lib_copy, "--json")).stdout)
     assert res == {"file": str(lib_copy), "op": "Relu", "old_flag": None, "new_flag": "true", "changed": True, "created_op": False}
     text = lib_copy.read_text(encoding="utf-8")
-    s0, e0 = entry_span(original_text, "Relu")
-    s1, e1 = entry_span(text, "Relu")
+    s0, e0 = json_entry_span(original_text, "Relu")
+    s1, e1 = json_entry_span(text, "Relu")
     assert text[:s1] == original_text[:s0] and text[e1:] == original_text[e0:]
     b = json.loads(text)
     assert b["Relu"]["precision_reduce"] == {"flag": "true"}

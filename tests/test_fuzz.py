@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+
+from conftest import json_entry_span
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -353,8 +355,8 @@ def test_editing_mutated_files_is_safe(text: str, data: st.DataObject) -> None:
     after_text = path.read_bytes().decode("utf-8")
     after = json.loads(after_text)
     if op in original:  # every byte outside the op's entry is unchanged
-        s0, e0 = _entry_span(text, op)
-        s1, e1 = _entry_span(after_text, op)
+        s0, e0 = json_entry_span(text, op)
+        s1, e1 = json_entry_span(after_text, op)
         assert (after_text[:s1], after_text[e1:]) == (text[:s0], text[e0:])
     assert result.new_flag == flag
     if flag is None:
@@ -380,23 +382,6 @@ def test_editing_mutated_files_is_safe(text: str, data: st.DataObject) -> None:
     if op in original and "precision_reduce" not in original[op]:
         edit.unpin(path, op)
         assert path.read_bytes() == before
-
-
-def _entry_span(text: str, op: str) -> tuple[int, int]:
-    """(start of the top-level key ``op``, one past the end of its value) in a JSON object's text."""
-    dec = json.JSONDecoder()
-    i = text.index("{") + 1
-    while True:
-        while text[i] in " \t\r\n,":
-            i += 1
-        key_start = i
-        key, i = json.decoder.scanstring(text, i + 1)
-        while text[i] in " \t\r\n:":
-            i += 1
-        _, end = dec.raw_decode(text, i)
-        if key == op:
-            return key_start, end
-        i = end
 
 
 # ---------------------------------------------------------------------- graphs

@@ -82,6 +82,18 @@ class PrecisionMode:
         return f"<precision mode {self.name!r} low={self.low}>"
 
     # ------------------------------------------------------------------ planning
+    def _decide_cached(self, cache: dict, info: OpInfo, flag: str, org: str, follow: str | None) -> Decision:
+        """:meth:`decide`, memoised per (op type, flag or followed dtype, origin); NoKernel -> empty reason."""
+        key = (info.op_type, follow or flag, org)
+        dec = cache.get(key)
+        if dec is None:
+            try:
+                dec = self.decide(info, flag, org, follow)
+            except NoKernel as exc:
+                dec = (org, "", str(exc))  # an empty reason marks a problem; the planner collects them
+            cache[key] = dec
+        return dec
+
     def plan(
         self,
         graph: OpGraph,
@@ -136,8 +148,8 @@ class PrecisionMode:
         problems: list[tuple[str, str, str]] = []
         casts: dict[tuple[int, int, str], Cast] = {}
 
-        fixed_cache: dict[tuple[str, str, str], Decision] = {}
-        follow_cache: dict[tuple[str, str, str], Decision] = {}
+        fixed_cache: dict[tuple[str, str, str | None], Decision] = {}  # decisions that depend on the op alone
+        follow_cache: dict[tuple[str, str, str | None], Decision] = {}  # gray ops, by the dtype they follow
         io_cache: dict[tuple, tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
         for i in res.order:
@@ -231,18 +243,8 @@ class PrecisionMode:
                             if dtypes.rank(a) > dtypes.rank(seen):
                                 seen, follow_from = a, j
                     follow = seen
-                    if op == "Cast" and follow is not None and org != F32:
-                        follow = None  # an explicit cast to a non-float32 dtype keeps its target
                     if follow is not None:
-                        key = (op, follow, org)
-                        dec = follow_cache.get(key)
-                        if dec is None:
-                            try:
-                                dec = self.decide(info, GRAY, org, follow)
-                            except NoKernel as exc:
-                                dec = (org, "", str(exc))
-                            follow_cache[key] = dec
-                        d, why, warn = dec
+                        d, why, warn = self._decide_cached(follow_cache, info, GRAY, org, follow)
                         if why.startswith("gray: follows"):
                             if disagree:
                                 why = f"gray: inputs disagree, follows the widest ({names[follow_from]}, {follow})"
@@ -252,15 +254,7 @@ class PrecisionMode:
                         elif why:
                             why = f"gray: follows {names[follow_from]} ({follow}), but {why}"
                 if follow is None:
-                    key = (op, flag, org)
-                    dec = fixed_cache.get(key)
-                    if dec is None:
-                        try:
-                            dec = self.decide(info, flag, org, None)
-                        except NoKernel as exc:
-                            dec = (org, "", str(exc))
-                        fixed_cache[key] = dec
-                    d, why, warn = dec
+                    d, why, warn = self._decide_cached(fixed_cache, info, flag, org, None)
                     if flag_note and why:
                         why += flag_note
                 if not why:  # NoKernel
