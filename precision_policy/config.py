@@ -92,6 +92,14 @@ class RunConfig(BaseModel):
             modes.get_v2(value)
         return value
 
+    @field_validator("op_info")
+    @classmethod
+    def _library_exists(cls, value: Union[str, Path]) -> Union[str, Path]:
+        from precision_policy.opinfo.library import resolve_library_path
+
+        resolve_library_path(value)  # a typo fails here, naming the shipped libraries
+        return value
+
     @field_validator("loss_scale")
     @classmethod
     def _loss_scale(cls, value: Any) -> Any:
