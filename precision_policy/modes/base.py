@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from precision_policy import dtypes
 from precision_policy.errors import PrecisionError
@@ -130,10 +130,8 @@ class PrecisionMode:
         data_inputs = res.data_inputs
         n = len(names)
         is_float = dtypes.FLOAT_DTYPES.__contains__
-        must_keep = self.name == "must_keep_origin_dtype"
-        mixed = self.mixed
-        flags = ov.flags
-        lib_get = library.get
+        decider = NodeDecider(self, library, ov)
+        decide = decider.decide_node
 
         origin: list[str | None] = [None] * n
         dtype: list[str | None] = [None] * n
@@ -143,14 +141,10 @@ class PrecisionMode:
         src: list[str | None] = [None] * n
         identity: set[int] = set()
         cast_nodes: list[int] = []
-        unknown: dict[str, list[str]] = {}
-        warnings: list[str] = list(ov.warnings)
-        problems: list[tuple[str, str, str]] = []
         casts: dict[tuple[int, int, str], Cast] = {}
-
-        fixed_cache: dict[tuple[str, str, str | None], Decision] = {}  # decisions that depend on the op alone
-        follow_cache: dict[tuple[str, str, str | None], Decision] = {}  # gray ops, by the dtype they follow
-        io_cache: dict[tuple, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        unknown = decider.unknown
+        warnings = decider.warnings
+        problems = decider.problems
 
         for i in res.order:
             op = ops[i]
@@ -193,89 +187,10 @@ class PrecisionMode:
                 reason[i] = f"reads {src[j]} {names[j]}"
                 continue
             name = names[i]
-            info = lib_get(op)
-            spec = None
-            if ov.custom_names or ov.custom_types:
-                spec = ov.custom_names.get(name) or ov.custom_types.get(op)
-            keep_where = None
-            if not must_keep and (ov.keep_names or ov.keep_types):
-                keep_where = ov.keep_names.get(name) or ov.keep_types.get(op)
-            # ---------------------------------------------------------- the decision
-            if op == "Cast" and ins and o and spec is None:
-                # an existing Cast reads whatever its producer now gives (absorbing the cast that
-                # would go before it) and keeps its target; see _absorb_into_casts for the other side
-                d, warn = org, None
-                why = f"Cast: reads its input as produced ({actual_in[0]}), writes {org}"
-                if keep_where is not None:
-                    why += f"; keep_dtype ({keep_where})"
-                else:
-                    cast_nodes.append(i)
-            elif info is None:
-                d, why, warn = org, "unknown op type: not in the op-info library, keeps its origin dtype", None
-                unknown.setdefault(op, []).append(name)
-            elif keep_where is not None:
-                d, why, warn = org, f"keep_dtype ({keep_where})", None
-                if not info.supports(org):
-                    problems.append((name, op, f"keep_dtype asks for {org} but the library has no {org} kernel "
-                                     f"(supports: {info.describe_dtypes()})"))
-            else:
-                flag = GRAY
-                flag_note = ""
-                if mixed:
-                    if op in flags:
-                        flag, flag_note = flags[op]
-                        flag_note = f" ({flag_note})"
-                    else:
-                        flag = info.flag
-                follow = None
-                follow_from = None
-                if mixed and flag == GRAY:
-                    seen = None
-                    disagree = False
-                    for m, (j, p) in enumerate(ins):
-                        a = actual_in[m]
-                        if src[j] is not None or not is_float(a):
-                            continue
-                        if seen is None:
-                            seen, follow_from = a, j
-                        elif a != seen:
-                            disagree = True
-                            if dtypes.rank(a) > dtypes.rank(seen):
-                                seen, follow_from = a, j
-                    follow = seen
-                    if follow is not None:
-                        d, why, warn = self._decide_cached(follow_cache, info, GRAY, org, follow)
-                        if why.startswith("gray: follows"):
-                            if disagree:
-                                why = f"gray: inputs disagree, follows the widest ({names[follow_from]}, {follow})"
-                            else:
-                                why = f"gray: follows {names[follow_from]}"
-                            why += flag_note
-                        elif why:
-                            why = f"gray: follows {names[follow_from]} ({follow}), but {why}"
-                if follow is None:
-                    d, why, warn = self._decide_cached(fixed_cache, info, flag, org, None)
-                    if flag_note and why:
-                        why += flag_note
-                if not why:  # NoKernel
-                    problems.append((name, op, warn or "no kernel"))
-                    why, warn = "no kernel for the requested precision", None
-            if warn:
-                warnings.append(f"{name}: {warn}")
-            # ---------------------------------------------------------- kernel variant -> per-tensor dtypes
-            if op == "Cast" and ins and o and spec is None:
-                want_in = actual_in
-                new_out = tuple(d if is_float(x) else x for x in o)
-            else:
-                ck = (op, d, o, actual_in)
-                io = io_cache.get(ck)
-                if io is None:
-                    io = _tensor_dtypes(info, d, o, actual_in)
-                    io_cache[ck] = io
-                want_in, new_out = io
-            if spec is not None:
-                want_in, new_out, why = _apply_spec(spec, want_in, new_out, name, op, info, problems)
-                d = next((x for x in new_out if is_float(x)), d)
+            voters = tuple([src[j] is None for j, _ in ins])
+            d, why, want_in, new_out, is_cast = decide(name, op, org, actual_in, voters, o, ins, names)
+            if is_cast:
+                cast_nodes.append(i)
             dtype[i] = d
             out_dt[i] = new_out
             in_dt[i] = want_in
@@ -335,6 +250,194 @@ class PrecisionMode:
             keep_output_dtype=keep_output_dtype,
             config=config_summary or {},
         )
+
+
+class _Marker:
+    """Stands in for producer names while a decision is memoised: ``_Marker()[m]`` is ``"\\0m\\0"``."""
+
+    def __getitem__(self, m: int) -> str:
+        return f"\0{m}\0"
+
+    def __len__(self) -> int:
+        return 1 << 30
+
+    @staticmethod
+    def index_in(text: str) -> int:
+        start = text.index("\0") + 1
+        return int(text[start : text.index("\0", start)])
+
+
+class NodeDecider:
+    """The per-op decision every route shares: the static planner and the eager backends.
+
+    Given an op's name, type, origin dtype and the dtypes its inputs arrive in (and which of
+    them come from computing ops, so that gray ops may follow them), it applies the
+    overrides, asks the mode, and returns the compute dtype, the reason, the dtype each
+    input must be consumed in and each output is produced in. Decisions are memoised, so
+    an eager backend can call it on every op of every step.
+    """
+
+    def __init__(self, mode: "PrecisionMode", library: Library, overrides: Overrides | None = None) -> None:
+        self.mode = mode
+        self.library = library
+        self.overrides = overrides or Overrides()
+        self.must_keep = mode.name == "must_keep_origin_dtype"
+        self.unknown: dict[str, list[str]] = {}
+        self.warnings: list[str] = list(self.overrides.warnings)
+        self.problems: list[tuple[str, str, str]] = []
+        self._fixed: dict[tuple[str, str, str | None], Decision] = {}
+        self._follow: dict[tuple[str, str, str | None], Decision] = {}
+        self._io: dict[tuple, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        self._memo: dict[tuple, tuple] = {}
+        self._known = set(library)
+        # overrides keyed by node name make decisions per node; otherwise they are per (op, dtypes)
+        self._by_name = bool(self.overrides.keep_names or self.overrides.custom_names)
+
+    def decide_node(
+        self,
+        name: str,
+        op: str,
+        org: str,
+        actual_in: tuple[str, ...],
+        voters: tuple[bool, ...],
+        outs: tuple[str, ...],
+        producers: Sequence[tuple[int, int]] | Sequence[str] = (),
+        names: Sequence[str] | None = None,
+    ) -> tuple[str, str, tuple[str, ...], tuple[str, ...], bool]:
+        """Return ``(dtype, reason, input dtypes, output dtypes, is_existing_cast)`` for one op.
+
+        ``voters[m]`` is True when input ``m`` comes from a computing op (gray ops follow those);
+        ``producers[m]`` names that input's producer for the reason (an index into ``names``,
+        or a name). Problems and warnings are collected on the decider, not raised.
+        """
+        if op not in self._known:
+            self.unknown.setdefault(op, []).append(name)
+        if self._by_name:
+            return self._decide(name, op, org, actual_in, voters, outs, producers, names)
+        key = (op, org, actual_in, voters, outs)
+        hit = self._memo.get(key)
+        if hit is None:
+            # decide once with a placeholder producer; per-node text is filled in below
+            mark = len(self.warnings), len(self.problems)
+            result = self._decide("\0", op, org, actual_in, voters, outs, _Marker(), None)
+            new_w = [w[3:] for w in self.warnings[mark[0]:]]  # drop the placeholder name and ': '
+            new_p = [pr[2] for pr in self.problems[mark[1]:]]
+            del self.warnings[mark[0]:], self.problems[mark[1]:]
+            why = result[1]
+            if "\0" in why:
+                m = _Marker.index_in(why)
+                head, _, tail = why.partition(f"\0{m}\0")
+                hit = (result, new_w, new_p, m, head, tail)
+            else:
+                hit = (result, new_w, new_p, -1, why, "")
+            self._memo[key] = hit
+        (d, why, want_in, new_out, is_cast), new_w, new_p, m, head, tail = hit
+        if m >= 0:
+            prod = producers[m] if m < len(producers) else "?"
+            if names is not None and not isinstance(prod, str):
+                prod = names[prod[0]]
+            why = head + prod + tail
+        for w in new_w:
+            self.warnings.append(f"{name}: {w}")
+        for pr in new_p:
+            self.problems.append((name, op, pr))
+        return d, why, want_in, new_out, is_cast
+
+    def _decide(
+        self,
+        name: str,
+        op: str,
+        org: str,
+        actual_in: tuple[str, ...],
+        voters: tuple[bool, ...],
+        outs: tuple[str, ...],
+        producers: Sequence,
+        names: Sequence[str] | None,
+    ) -> tuple[str, str, tuple[str, ...], tuple[str, ...], bool]:
+        is_float = dtypes.FLOAT_DTYPES.__contains__
+        ov = self.overrides
+        mode = self.mode
+        info = self.library.get(op)
+        spec = None
+        if ov.custom_names or ov.custom_types:
+            spec = ov.custom_names.get(name) or ov.custom_types.get(op)
+        keep_where = None
+        if not self.must_keep and (ov.keep_names or ov.keep_types):
+            keep_where = ov.keep_names.get(name) or ov.keep_types.get(op)
+        is_cast = False
+        if op == "Cast" and actual_in and outs and spec is None:
+            # an existing Cast reads whatever its producer now gives (absorbing the cast that
+            # would go before it) and keeps its target; see _absorb_into_casts for the other side
+            d, warn = org, None
+            why = f"Cast: reads its input as produced ({actual_in[0]}), writes {org}"
+            if keep_where is not None:
+                why += f"; keep_dtype ({keep_where})"
+            else:
+                is_cast = True
+            if warn:
+                self.warnings.append(f"{name}: {warn}")
+            return d, why, actual_in, tuple(d if is_float(x) else x for x in outs), is_cast
+        if info is None:
+            d, why, warn = org, "unknown op type: not in the op-info library, keeps its origin dtype", None
+        elif keep_where is not None:
+            d, why, warn = org, f"keep_dtype ({keep_where})", None
+            if not info.supports(org):
+                self.problems.append((name, op, f"keep_dtype asks for {org} but the library has no {org} kernel "
+                                      f"(supports: {info.describe_dtypes()})"))
+        else:
+            flag = GRAY
+            flag_note = ""
+            if mode.mixed:
+                if op in ov.flags:
+                    flag, flag_note = ov.flags[op]
+                    flag_note = f" ({flag_note})"
+                else:
+                    flag = info.flag
+            follow = None
+            if mode.mixed and flag == GRAY:
+                follow_m = -1
+                disagree = False
+                for m, a in enumerate(actual_in):
+                    if not voters[m] or not is_float(a):
+                        continue
+                    if follow is None:
+                        follow, follow_m = a, m
+                    elif a != follow:
+                        disagree = True
+                        if dtypes.rank(a) > dtypes.rank(follow):
+                            follow, follow_m = a, m
+                if follow is not None:
+                    d, why, warn = mode._decide_cached(self._follow, info, GRAY, org, follow)
+                    prod = producers[follow_m] if follow_m < len(producers) else "?"
+                    if names is not None and not isinstance(prod, str):
+                        prod = names[prod[0]]
+                    if why.startswith("gray: follows"):
+                        if disagree:
+                            why = f"gray: inputs disagree, follows the widest ({prod}, {follow})"
+                        else:
+                            why = f"gray: follows {prod}"
+                        why += flag_note
+                    elif why:
+                        why = f"gray: follows {prod} ({follow}), but {why}"
+            if follow is None:
+                d, why, warn = mode._decide_cached(self._fixed, info, flag, org, None)
+                if flag_note and why:
+                    why += flag_note
+            if not why:  # NoKernel
+                self.problems.append((name, op, warn or "no kernel"))
+                why, warn = "no kernel for the requested precision", None
+        if warn:
+            self.warnings.append(f"{name}: {warn}")
+        ck = (op, d, outs, actual_in)
+        io = self._io.get(ck)
+        if io is None:
+            io = _tensor_dtypes(info, d, outs, actual_in)
+            self._io[ck] = io
+        want_in, new_out = io
+        if spec is not None:
+            want_in, new_out, why = _apply_spec(spec, want_in, new_out, name, op, info, self.problems)
+            d = next((x for x in new_out if is_float(x)), d)
+        return d, why, want_in, new_out, is_cast
 
 
 def _tensor_dtypes(
