@@ -170,10 +170,18 @@ def test_gray_inputs_that_disagree_take_the_widest(small_lib):
     assert ("mm:0", "float32") in casts(p)
 
 
-def test_gray_fed_only_by_graph_inputs_follows_allow_fp32_to_fp16(small_lib):
-    g = graph([("x", "Placeholder", []), ("w", "Const", []), ("a", "Add", ["x:0", "w:0"]), ("mm", "MatMulV2", ["a:0", "w:0"])], ["mm:0"])
+def test_gray_fed_only_by_constants_follows_allow_fp32_to_fp16(small_lib):
+    g = graph([("w", "Const", []), ("v", "VariableV2", []), ("a", "Add", ["v:0", "w:0"]), ("mm", "MatMulV2", ["a:0", "w:0"])], ["mm:0"])
     p = plan(g, "allow_mix_precision", small_lib)
-    assert dt(p, "a") == "float32" and "fed only by graph inputs" in p["a"].reason
+    assert dt(p, "a") == "float32" and "fed only by constants/variables" in p["a"].reason
+
+
+def test_graph_inputs_vote_so_a_residual_stream_keeps_its_precision(small_lib):
+    g = graph([("x", "Placeholder", []), ("w", "Const", []), ("mm", "MatMulV2", ["x:0", "w:0"]),
+               ("res", "Add", ["x:0", "mm:0"]), ("r", "Relu", ["x:0"])], ["res:0", "r:0"])
+    p = plan(g, "allow_mix_precision", small_lib)
+    assert dt(p, "res") == "float32" and "disagree" in p["res"].reason
+    assert dt(p, "r") == "float32" and p["r"].reason == "gray: follows x"
 
 
 def test_gray_op_ignores_constant_inputs_when_following(small_lib):

@@ -187,7 +187,7 @@ class PrecisionMode:
                 reason[i] = f"reads {src[j]} {names[j]}"
                 continue
             name = names[i]
-            voters = tuple([src[j] is None for j, _ in ins])
+            voters = tuple([src[j] is None or src[j] == "input" for j, _ in ins])
             d, why, want_in, new_out, is_cast = decide(name, op, org, actual_in, voters, o, ins, names)
             if is_cast:
                 cast_nodes.append(i)

@@ -95,7 +95,9 @@ class ForceBF16(ForceLow):
 class AllowMixPrecision(PrecisionMode):
     """White ops run low, black ops keep their origin dtype, gray ops follow their producers.
 
-    A gray op fed only by graph inputs, constants and variables is decided as
+    Graph inputs vote like computing ops (an activation stream keeps its precision, as
+    type promotion does in torch.autocast); constants and variables don't (they are cast,
+    not followed). A gray op fed only by constants and variables is decided as
     allow_fp32_to_<low> would decide it.
     """
 
@@ -130,7 +132,7 @@ class AllowMixPrecision(PrecisionMode):
                 return d, why, None
             return d, f"no {follow} kernel; {why}", None
         d, why, warn = self._base(info, origin)
-        return d, f"gray, fed only by graph inputs/constants/variables: {why}", warn
+        return d, f"gray, fed only by constants/variables: {why}", warn
 
 
 class AllowMixPrecisionFP16(AllowMixPrecision):

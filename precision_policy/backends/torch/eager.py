@@ -1,0 +1,244 @@
+"""Eager application: a TorchFunctionMode that applies a precision mode op by op.
+
+It sits above autograd, so ``loss.backward()`` differentiates through the casts it
+inserts, and works on any module, traceable or not. Every decision comes from the
+core's :class:`~precision_policy.modes.base.NodeDecider` (white -> low, black ->
+origin, gray -> the dtype of its computed inputs); this module only casts.
+
+Example:
+    >>> import torch, precision_policy as pp
+    >>> from precision_policy.torch import precision
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> cfg = pp.RunConfig(precision_mode="allow_mix_precision_bf16", op_info="torch_autocast_cpu")
+    >>> with precision(cfg):
+    ...     y = model(torch.randn(4, 8))
+    >>> y.dtype
+    torch.bfloat16
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from precision_policy import dtypes
+from precision_policy.backends.torch.ops import func_label, op_type_of
+from precision_policy.config import RunConfig
+from precision_policy.errors import PrecisionError
+from precision_policy.modes.base import NodeDecider
+
+_state = threading.local()
+
+TO_TORCH = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+FROM_TORCH = {v: k for k, v in TO_TORCH.items()}
+_FLOATS = frozenset(TO_TORCH.values())
+
+
+def _busy() -> bool:
+    return getattr(_state, "busy", False)
+
+
+class _OpRecord:
+    """One intercepted call, for tests and reports."""
+
+    __slots__ = ("label", "op_type", "dtype", "reason", "out_dtypes")
+
+    def __init__(self, label: str, op_type: str, dtype: str, reason: str, out_dtypes: tuple) -> None:
+        self.label = label
+        self.op_type = op_type
+        self.dtype = dtype
+        self.reason = reason
+        self.out_dtypes = out_dtypes
+
+    def __repr__(self) -> str:
+        return f"{self.label}[{self.op_type}] {self.dtype} -> {self.out_dtypes}  ({self.reason})"
+
+
+class PrecisionFunctionMode(TorchFunctionMode):
+    """Casts the float inputs of every mapped torch call to the dtypes the decider chooses.
+
+    ``native_fp16=False`` (the default on CPU) emulates float16: tensors are stored as
+    float16, so values are rounded at every op boundary, but the op computes in float32.
+    """
+
+    def __init__(
+        self,
+        decider: NodeDecider | None,
+        *,
+        native_fp16: bool = False,
+        origin: str = "float32",
+        record: list | None = None,
+    ) -> None:
+        super().__init__()
+        self.decider = decider
+        self.native_fp16 = native_fp16
+        self.origin = origin
+        self.record = record
+        self._ops: dict[Any, str | None] = {}
+        self._weights: dict[tuple[int, torch.dtype], tuple[int, torch.Tensor, torch.Tensor]] = {}
+        self._torch_dtypes = dict(TO_TORCH)
+
+    def clear_cache(self) -> None:
+        """Forget the low-precision copies of parameters (done when the context exits)."""
+        self._weights.clear()
+
+    def _cast(self, t: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+        if t.is_leaf and t.requires_grad:
+            # parameters stay float32 masters; their copies are reused until they change
+            key = (id(t), dt)
+            hit = self._weights.get(key)
+            if hit is not None and hit[0] == t._version and hit[1] is t:
+                return hit[2]
+            out = t.to(dt)
+            self._weights[key] = (t._version, t, out)
+            return out
+        return t.to(dt)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: C901 - the hot path, kept flat
+        kwargs = kwargs or {}
+        if _busy() or self.decider is None:
+            return func(*args, **kwargs)
+        try:
+            op = self._ops[func]
+        except (KeyError, TypeError):
+            op = op_type_of(func)
+            try:
+                self._ops[func] = op
+            except TypeError:
+                pass
+        if op is None or op == "Cast":
+            return func(*args, **kwargs)
+        flat, spec = tree_flatten((args, kwargs))
+        pos: list[int] = []
+        in_dtypes: list[str] = []
+        voters: list[bool] = []
+        origin = self.origin
+        for k, leaf in enumerate(flat):
+            if isinstance(leaf, torch.Tensor) and leaf.dtype in _FLOATS:
+                name = FROM_TORCH[leaf.dtype]
+                pos.append(k)
+                in_dtypes.append(name)
+                voters.append(leaf.grad_fn is not None or getattr(leaf, "_pp_computed", False))
+                if name == "float64":
+                    origin = "float64"
+        if not pos:
+            return func(*args, **kwargs)
+        label = func_label(func)
+        d, why, want_in, _, _ = self.decider.decide_node(
+            label, op, origin, tuple(in_dtypes), tuple(voters), (origin,), producers=("its input",) * len(pos)
+        )
+        if self.decider.problems:
+            problems = list(self.decider.problems)
+            self.decider.problems.clear()
+            raise PrecisionError(
+                "precision mode cannot be honoured: "
+                + "; ".join(f"{n} ({o}): {detail}" for n, o, detail in problems),
+                problems,
+            )
+        emulate = d == "float16" and not self.native_fp16
+        changed = False
+        tdt = self._torch_dtypes
+        for m, k in enumerate(pos):
+            want = want_in[m]
+            leaf = flat[k]
+            if emulate and want == "float16":
+                if in_dtypes[m] != "float16":
+                    leaf = self._cast(leaf, torch.float16)
+                flat[k] = leaf.to(torch.float32)
+                changed = True
+            elif want != in_dtypes[m]:
+                flat[k] = self._cast(leaf, tdt[want])
+                changed = True
+        if changed:
+            args, kwargs = tree_unflatten(flat, spec)
+        _state.busy = True
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            _state.busy = False
+        if emulate:
+            out = _to_dtype(out, torch.float32, torch.float16)
+        if not torch.is_grad_enabled():
+            _mark_computed(out)
+        if self.record is not None:
+            self.record.append(_OpRecord(label, op, d, why, _out_dtypes(out)))
+        return out
+
+
+def _to_dtype(out: Any, src: torch.dtype, dst: torch.dtype) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out.to(dst) if out.dtype == src else out
+    if isinstance(out, (tuple, list)):
+        return type(out)(_to_dtype(o, src, dst) for o in out) if not hasattr(out, "_fields") else type(out)(
+            *(_to_dtype(o, src, dst) for o in out)
+        )
+    return out
+
+
+def _mark_computed(out: Any) -> None:
+    if isinstance(out, torch.Tensor):
+        try:
+            out._pp_computed = True
+        except (AttributeError, RuntimeError):
+            pass
+    elif isinstance(out, (tuple, list)):
+        for o in out:
+            _mark_computed(o)
+
+
+def _out_dtypes(out: Any) -> tuple:
+    if isinstance(out, torch.Tensor):
+        return (FROM_TORCH.get(out.dtype, str(out.dtype).replace("torch.", "")),)
+    if isinstance(out, (tuple, list)):
+        return tuple(d for o in out for d in _out_dtypes(o))
+    return ()
+
+
+def decider_for(config: RunConfig) -> NodeDecider:
+    """The core decider for a config (library and overrides loaded once)."""
+    library = config.library()
+    return NodeDecider(config.mode, library, config.overrides(library))
+
+
+@contextmanager
+def precision(
+    config: RunConfig | None = None,
+    *,
+    enabled: bool = True,
+    native_fp16: bool = False,
+    record: list | None = None,
+    **settings: Any,
+) -> Iterator[PrecisionFunctionMode]:
+    """Run the enclosed torch code under a precision mode, op by op.
+
+    ``config`` (or keyword settings for one) chooses the mode and library. Contexts nest (the
+    innermost decides), ``enabled=False`` runs the enclosed code in the model's own dtypes
+    even inside another context, the state is per thread, and nothing is left behind when
+    the block raises. ``record`` collects one entry per intercepted op (label, op type,
+    dtype, reason). float16 is emulated on the CPU unless ``native_fp16=True``.
+    """
+    if config is None:
+        config = RunConfig(**settings)
+    elif settings:
+        config = RunConfig(**{**config.model_dump(), **settings})
+    decider = decider_for(config) if enabled else None
+    mode = PrecisionFunctionMode(decider, native_fp16=native_fp16, record=record,
+                                 origin=FROM_TORCH.get(torch.get_default_dtype(), "float32"))
+    saved = _busy()
+    _state.busy = False
+    try:
+        with mode:
+            yield mode
+    finally:
+        mode.clear_cache()
+        _state.busy = saved

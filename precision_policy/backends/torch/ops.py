@@ -1,0 +1,151 @@
+"""Which canonical op type a torch call is, from ``opinfo_db/aliases/torch.json``.
+
+torch functions (``torch.relu``, ``F.linear``), Tensor methods (``x.add``; ``x + y``
+dispatches as ``Tensor.add``), and the ``operator`` functions FX records for Python
+operators all resolve to one op type. Calls that only read metadata (``x.shape``,
+``x.size()``) and in-place updates are not ops for precision purposes.
+
+Example:
+    >>> import torch
+    >>> from precision_policy.backends.torch.ops import op_type_of
+    >>> op_type_of(torch.nn.functional.conv2d), op_type_of(torch.Tensor.add), op_type_of(torch.Tensor.size)
+    ('Conv2D', 'Add', None)
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+from functools import lru_cache
+from typing import Any, Callable
+
+import torch
+
+from precision_policy.opinfo.library import shipped_root
+
+_TensorBase = torch._C.TensorBase
+
+#: Python operators as FX records them (``x + y`` -> operator.add).
+OPERATORS: dict[Callable, str] = {
+    operator.add: "Add",
+    operator.iadd: "Add",
+    operator.sub: "Sub",
+    operator.mul: "Mul",
+    operator.truediv: "RealDiv",
+    operator.floordiv: "FloorDiv",
+    operator.matmul: "BatchMatMulV2",
+    operator.neg: "Neg",
+    operator.pow: "Pow",
+    operator.getitem: "StridedSlice",
+}
+
+#: Calls that never compute on values (metadata, bookkeeping): never intercepted, never in a graph.
+METADATA_METHODS: frozenset[str] = frozenset(
+    {
+        "size", "dim", "ndimension", "numel", "nelement", "stride", "storage_offset", "is_contiguous",
+        "element_size", "data_ptr", "get_device", "is_floating_point", "is_complex", "is_signed",
+        "__len__", "__bool__", "__repr__", "__format__", "__hash__", "__iter__", "__contains__",
+        "item", "tolist", "numpy", "requires_grad_", "retain_grad", "register_hook", "backward",
+        "detach", "detach_", "__get__", "__set__", "__setstate__", "__reduce_ex__", "__deepcopy__",
+        "type_as", "has_names", "untyped_storage", "_version", "__index__", "__int__", "__float__",
+    }
+)
+
+
+@lru_cache(maxsize=1)
+def alias_table() -> dict[str, dict[str, str]]:
+    path = shipped_root() / "aliases" / "torch.json"
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _resolve(path: str) -> Any:
+    parts = path.split(".")
+    if parts[0] == "Tensor":
+        obj: Any = torch.Tensor
+    elif parts[0] == "torch":
+        obj = torch
+    else:
+        return None
+    for part in parts[1:]:
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+@lru_cache(maxsize=1)
+def _tables() -> tuple[dict[Any, str], dict[str, str], dict[type, str]]:
+    table = alias_table()
+    funcs: dict[Any, str] = dict(OPERATORS)
+    for path, op in table.get("functions", {}).items():
+        obj = _resolve(path)
+        if obj is not None:
+            try:
+                funcs.setdefault(obj, op)
+            except TypeError:  # unhashable
+                pass
+    methods: dict[str, str] = {}
+    for path, op in table.get("methods", {}).items():
+        name = path.split(".", 1)[1]
+        methods[name] = op
+        obj = _resolve(path)
+        if obj is not None:
+            try:
+                funcs.setdefault(obj, op)
+            except TypeError:
+                pass
+    modules: dict[type, str] = {}
+    for path, op in table.get("modules", {}).items():
+        cls = _resolve(path)
+        if isinstance(cls, type):
+            modules[cls] = op
+    return funcs, methods, modules
+
+
+def is_inplace(name: str) -> bool:
+    return name.endswith("_") and not name.endswith("__")
+
+
+def method_op_type(name: str) -> str | None:
+    """Op type of a Tensor method called by name (FX ``call_method``); None for metadata and in-place."""
+    if name in METADATA_METHODS or is_inplace(name):
+        return None
+    return _tables()[1].get(name)
+
+
+def op_type_of(func: Any) -> str | None:
+    """Canonical op type of a torch function/method/operator, or None when it is not a precision op."""
+    funcs, methods, _ = _tables()
+    try:
+        op = funcs.get(func)
+    except TypeError:
+        return None
+    name = getattr(func, "__name__", "")
+    if name in METADATA_METHODS or is_inplace(name):
+        return None
+    if op is not None:
+        return op
+    if getattr(func, "__objclass__", None) is _TensorBase:
+        return methods.get(name)
+    return None
+
+
+def module_op_type(module: torch.nn.Module) -> str | None:
+    """Op type of an nn.Module class (walking its bases), or None."""
+    modules = _tables()[2]
+    for cls in type(module).__mro__:
+        op = modules.get(cls)
+        if op is not None:
+            return op
+    return None
+
+
+def func_label(func: Any) -> str:
+    """A readable name for a torch callable (``torch.nn.functional.linear``, ``Tensor.add``)."""
+    if getattr(func, "__objclass__", None) is _TensorBase:
+        return f"Tensor.{func.__name__}"
+    mod = getattr(func, "__module__", None) or ""
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+    if mod in ("torch._C._nn", "torch._C._VariableFunctions", "torch._C._VariableFunctionsClass"):
+        mod = "torch"
+    return f"{mod}.{name}" if mod else name
