@@ -4,5 +4,6 @@ Public as ``precision_policy.torch``.
 """
 
 from precision_policy.backends.torch.eager import PrecisionFunctionMode, precision
+from precision_policy.backends.torch.fx import TracedModel, apply, trace, trace_fx
 
-__all__ = ["PrecisionFunctionMode", "precision"]
+__all__ = ["PrecisionFunctionMode", "TracedModel", "apply", "precision", "trace", "trace_fx"]

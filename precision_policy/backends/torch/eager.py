@@ -78,6 +78,7 @@ class PrecisionFunctionMode(TorchFunctionMode):
         native_fp16: bool = False,
         origin: str = "float32",
         record: list | None = None,
+        model: torch.nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.decider = decider
@@ -87,6 +88,12 @@ class PrecisionFunctionMode(TorchFunctionMode):
         self._ops: dict[Any, str | None] = {}
         self._weights: dict[tuple[int, torch.dtype], tuple[int, torch.Tensor, torch.Tensor]] = {}
         self._torch_dtypes = dict(TO_TORCH)
+        # With the model known, every tensor but its parameters and buffers votes for gray ops
+        # (graph inputs included), exactly as in a traced graph. Without it, only tensors that a
+        # computation produced vote.
+        self._state_ids: set[int] | None = None
+        if model is not None:
+            self._state_ids = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
 
     def clear_cache(self) -> None:
         """Forget the low-precision copies of parameters (done when the context exits)."""
@@ -128,7 +135,10 @@ class PrecisionFunctionMode(TorchFunctionMode):
                 name = FROM_TORCH[leaf.dtype]
                 pos.append(k)
                 in_dtypes.append(name)
-                voters.append(leaf.grad_fn is not None or getattr(leaf, "_pp_computed", False))
+                if self._state_ids is not None:
+                    voters.append(id(leaf) not in self._state_ids)
+                else:
+                    voters.append(leaf.grad_fn is not None or getattr(leaf, "_pp_computed", False))
                 if name == "float64":
                     origin = "float64"
         if not pos:
@@ -168,7 +178,7 @@ class PrecisionFunctionMode(TorchFunctionMode):
             _state.busy = False
         if emulate:
             out = _to_dtype(out, torch.float32, torch.float16)
-        if not torch.is_grad_enabled():
+        if self._state_ids is None and not torch.is_grad_enabled():
             _mark_computed(out)
         if self.record is not None:
             self.record.append(_OpRecord(label, op, d, why, _out_dtypes(out)))
@@ -217,6 +227,7 @@ def precision(
     enabled: bool = True,
     native_fp16: bool = False,
     record: list | None = None,
+    model: torch.nn.Module | None = None,
     **settings: Any,
 ) -> Iterator[PrecisionFunctionMode]:
     """Run the enclosed torch code under a precision mode, op by op.
@@ -225,14 +236,16 @@ def precision(
     innermost decides), ``enabled=False`` runs the enclosed code in the model's own dtypes
     even inside another context, the state is per thread, and nothing is left behind when
     the block raises. ``record`` collects one entry per intercepted op (label, op type,
-    dtype, reason). float16 is emulated on the CPU unless ``native_fp16=True``.
+    dtype, reason). float16 is emulated on the CPU unless ``native_fp16=True``. Pass ``model``
+    so that its inputs count as graph inputs and its parameters and buffers as variables,
+    exactly as in :func:`~precision_policy.torch.trace`.
     """
     if config is None:
         config = RunConfig(**settings)
     elif settings:
         config = RunConfig(**{**config.model_dump(), **settings})
     decider = decider_for(config) if enabled else None
-    mode = PrecisionFunctionMode(decider, native_fp16=native_fp16, record=record,
+    mode = PrecisionFunctionMode(decider, native_fp16=native_fp16, record=record, model=model,
                                  origin=FROM_TORCH.get(torch.get_default_dtype(), "float32"))
     saved = _busy()
     _state.busy = False

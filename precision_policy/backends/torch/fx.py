@@ -1,0 +1,347 @@
+"""torch.fx route: trace a model to an OpGraph, and apply a CastPlan as a static graph rewrite.
+
+Tracing is *concrete*: every FX node is also run on the example inputs, so Python control
+flow on shapes (``if x.dim() != 3``) is resolved for those inputs, as ``torch.jit.trace``
+would, and dtypes come from real values. Modules are traced through down to torch
+functions, so the traced ops are exactly the calls the eager route sees.
+
+Example:
+    >>> import torch, precision_policy as pp
+    >>> from precision_policy.torch import trace, apply
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+    >>> x = torch.randn(2, 8)
+    >>> graph = trace(model, (x,))
+    >>> [n.name for n in graph if n.op_type == "MatMulV2"]
+    ['0']
+    >>> plan = pp.plan(graph, precision_mode="allow_mix_precision_bf16", op_info="torch_autocast_cpu")
+    >>> apply(model, plan)(x).dtype
+    torch.float32
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten, tree_map
+
+from precision_policy.backends.torch.eager import FROM_TORCH, TO_TORCH
+from precision_policy.backends.torch.ops import func_label, is_inplace, method_op_type, op_type_of
+from precision_policy.errors import GraphError
+from precision_policy.graph import OpGraph
+from precision_policy.plan import CastPlan
+
+#: Functions kept whole (one op in the graph) instead of traced through.
+LEAF_FUNCTIONS = (F.multi_head_attention_forward,)
+
+
+def _dtype_name(t: Any) -> str | None:
+    if isinstance(t, torch.Tensor):
+        return FROM_TORCH.get(t.dtype) or str(t.dtype).replace("torch.", "")
+    return None
+
+
+class _ConcreteProxy(fx.Proxy):
+    concrete: Any = None
+
+    def __len__(self) -> int:
+        return len(self.concrete)
+
+    def __iter__(self):
+        if isinstance(self.concrete, (tuple, list)):
+            return iter([self[i] for i in range(len(self.concrete))])
+        return super().__iter__()
+
+
+class _ConcreteTracer(fx.Tracer):
+    def __init__(self, root: torch.nn.Module, inputs: dict[str, Any]) -> None:
+        super().__init__(autowrap_functions=LEAF_FUNCTIONS)
+        self.root_module = root
+        self._inputs = inputs  # forward's parameter name -> example value (or default)
+        self.concrete: dict[fx.Node, Any] = {}
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        return False
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ConcreteProxy(node, self)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        return bool(self.concrete[obj.node])
+
+    def iter(self, obj: fx.Proxy):
+        return iter(obj)
+
+    def keys(self, obj: fx.Proxy):
+        return self.concrete[obj.node].keys()
+
+    def _value(self, a: Any) -> Any:
+        if not isinstance(a, fx.Node):
+            return a
+        if a not in self.concrete and a.op == "get_attr":  # tensors FX turned into get_attr nodes itself
+            self.concrete[a] = _fetch_attr(self.root_module, str(a.target))
+        return self.concrete[a]
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        node = proxy.node
+        cargs = fx.node.map_aggregate(node.args, self._value)
+        ckwargs = fx.node.map_aggregate(node.kwargs, self._value)
+        if kind == "placeholder":
+            key = str(target).lstrip("*")
+            if key not in self._inputs:
+                key = key.rsplit("_", 1)[0]  # FX suffixes the names of concrete-arg placeholders
+            value = self._inputs.get(key)
+        elif kind == "get_attr":
+            value = _fetch_attr(self.root_module, str(target))
+        elif kind == "call_function":
+            value = target(*cargs, **ckwargs)
+        elif kind == "call_method":
+            value = getattr(cargs[0], target)(*cargs[1:], **ckwargs)
+        elif kind == "call_module":
+            value = self.root_module.get_submodule(target)(*cargs, **ckwargs)
+        else:  # output
+            value = cargs[0] if cargs else None
+        self.concrete[node] = value
+        if isinstance(proxy, _ConcreteProxy):
+            proxy.concrete = value
+        return proxy
+
+
+def _fetch_attr(root: torch.nn.Module, target: str) -> Any:
+    """``root.a.b.weight`` without going through Module.__getattr__ (which FX patches while tracing)."""
+    obj: Any = root
+    for part in target.split("."):
+        if isinstance(obj, torch.nn.Module):
+            d = obj.__dict__
+            for store in ("_parameters", "_buffers", "_modules"):
+                if part in d.get(store, {}):
+                    obj = d[store][part]
+                    break
+            else:
+                obj = object.__getattribute__(obj, part)
+        else:
+            obj = getattr(obj, part)
+    return obj
+
+
+class TracedModel:
+    """A traced FX graph with its concrete values and the OpGraph built from it."""
+
+    def __init__(self, module: torch.nn.Module, graph: fx.Graph, concrete: dict[fx.Node, Any], opgraph: OpGraph,
+                 tensor_of: dict[fx.Node, str], op_node: dict[fx.Node, str]) -> None:
+        self.module = module
+        self.fx_graph = graph
+        self.concrete = concrete
+        self.graph = opgraph
+        self.tensor_of = tensor_of  # fx node producing a tensor -> OpGraph "node:port"
+        self.op_node = op_node  # fx node -> OpGraph node name (ops only)
+
+
+def _module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1]
+    path = path[0] if isinstance(path, tuple) else path
+    return str(path)
+
+
+def _tensor_leaves(value: Any) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
+
+
+def trace_fx(model: torch.nn.Module, example_inputs: Sequence[Any]) -> TracedModel:
+    """Concrete-trace ``model`` on ``example_inputs`` and build its OpGraph (see the module docstring)."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+    sig = inspect.signature(model.forward)
+    params = [p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(example_inputs) > len(params):
+        raise GraphError(f"{type(model).__name__}.forward takes {len(params)} positional input(s), "
+                         f"{len(example_inputs)} example input(s) given")
+    concrete_args = {p.name: p.default for p in params[len(example_inputs):] if p.default is not inspect.Parameter.empty}
+    values = {p.name: v for p, v in zip(params, example_inputs)} | concrete_args
+    tracer = _ConcreteTracer(model, values)
+    try:
+        with torch.no_grad():
+            graph = tracer.trace(model, concrete_args=concrete_args or None)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure becomes a typed, explained error
+        raise GraphError(
+            f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}. "
+            "Use the eager route instead: `with precision_policy.torch.precision(config, model=model): ...`"
+        ) from None
+    graph.eliminate_dead_code()
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            tracer._value(node)
+    return _to_opgraph(model, graph, tracer.concrete)
+
+
+def _to_opgraph(model: torch.nn.Module, graph: fx.Graph, concrete: dict[fx.Node, Any]) -> TracedModel:
+    og = OpGraph(type(model).__name__)
+    tensor_of: dict[fx.Node, str] = {}
+    op_node: dict[fx.Node, str] = {}
+    used: dict[str, int] = {}
+    first_op_in: set[str] = set()
+
+    def unique(name: str) -> str:
+        if name not in used and name not in og:
+            used[name] = 1
+            return name
+        k = used.get(name, 1)
+        while f"{name}_{k}" in og:
+            k += 1
+        used[name] = k + 1
+        return f"{name}_{k}"
+
+    for node in graph.nodes:
+        value = concrete.get(node)
+        if node.op == "placeholder":
+            if isinstance(value, torch.Tensor):
+                name = unique(node.target)
+                og.add_node(name, "Placeholder", outputs=[_dtype_name(value)])
+                tensor_of[node] = f"{name}:0"
+            continue
+        if node.op == "get_attr":
+            if isinstance(value, torch.Tensor):
+                name = unique(str(node.target))
+                og.add_node(name, "Parameter", outputs=[_dtype_name(value)])
+                tensor_of[node] = f"{name}:0"
+            continue
+        if node.op == "output":
+            fetches = [tensor_of[n] for n in tree_flatten(node.args)[0] if isinstance(n, fx.Node) and n in tensor_of]
+            og.set_outputs(fetches)
+            continue
+        leaves = [a for a in tree_flatten((node.args, node.kwargs))[0] if isinstance(a, fx.Node)]
+        if node.op == "call_function" and node.target is __import__("operator").getitem:
+            src = node.args[0]
+            if isinstance(src, fx.Node) and isinstance(concrete.get(src), (tuple, list)) and src in op_node:
+                # element k of a multi-output op: that op's port, not a new op
+                seq = concrete[src]
+                k = node.args[1]
+                if isinstance(k, int) and isinstance(seq[k], torch.Tensor):
+                    port = sum(1 for t in seq[:k] if isinstance(t, torch.Tensor))
+                    tensor_of[node] = f"{op_node[src]}:{port}"
+                continue
+        if node.op == "call_method":
+            label = f"Tensor.{node.target}"
+            op = method_op_type(node.target)
+            inplace = is_inplace(node.target)
+        elif node.op == "call_function":
+            label = func_label(node.target)
+            op = op_type_of(node.target)
+            inplace = is_inplace(getattr(node.target, "__name__", ""))
+        else:  # call_module cannot happen: nothing is a leaf
+            label, op, inplace = str(node.target), None, False
+        outs = _tensor_leaves(value)
+        ins = [a for a in leaves if a in tensor_of]
+        if inplace and ins:
+            tensor_of[node] = tensor_of[ins[0]]  # the result is its first input, updated in place
+            continue
+        if not outs:
+            continue  # metadata: shapes, sizes, comparisons of Python numbers
+        if op is None:
+            op = f"torch:{label}"  # reported as an unknown op type, never guessed
+        path = _module_path(node)
+        base = path if path and path not in first_op_in else (f"{path}/{node.name}" if path else node.name)
+        first_op_in.add(path)
+        name = unique(base)
+        og.add_node(name, op, inputs=[tensor_of[a] for a in ins], outputs=[_dtype_name(t) for t in outs],
+                    attrs={"torch": label})
+        op_node[node] = name
+        if isinstance(value, torch.Tensor):
+            tensor_of[node] = f"{name}:0"
+    og.resolve()
+    return TracedModel(model, graph, concrete, og, tensor_of, op_node)
+
+
+def trace(model: torch.nn.Module, example_inputs: Sequence[Any]) -> OpGraph:
+    """The model's OpGraph: op types from the torch alias table, node names from module paths."""
+    return trace_fx(model, example_inputs).graph
+
+
+def apply(model: torch.nn.Module, plan: CastPlan, example_inputs: Sequence[Any] | None = None, *,
+          native_fp16: bool = False, traced: TracedModel | None = None) -> fx.GraphModule:
+    """Rewrite ``model`` so that every op runs in the dtype ``plan`` gives it.
+
+    Casts go where the plan puts them, one per (tensor, dtype); parameters stay float32
+    masters and their low-precision copies are made once per forward. float16 is emulated
+    (float16 storage, float32 compute) unless ``native_fp16=True``.
+    """
+    if traced is None:
+        if example_inputs is None:
+            raise GraphError("apply() needs the example_inputs the plan was traced with (or traced=...)")
+        traced = trace_fx(model, example_inputs)
+    if plan.graph is not None and plan.graph.node_names != traced.graph.node_names:
+        raise GraphError("the plan was made for another graph than this model traces to; re-plan with trace(model, ...)")
+    graph = traced.fx_graph
+    index = {n: i for i, n in enumerate(plan.names)}
+    casts: dict[tuple[fx.Node, torch.dtype], fx.Node] = {}
+
+    def cast(src: fx.Node, dt: torch.dtype, before: fx.Node) -> fx.Node:
+        key = (src, dt)
+        hit = casts.get(key)
+        if hit is None:
+            with graph.inserting_after(src):
+                hit = graph.call_method("to", (src, dt))
+            casts[key] = hit
+        return hit
+
+    for node in list(graph.nodes):
+        name = traced.op_node.get(node)
+        if name is None:
+            continue
+        i = index[name]
+        want = plan.in_dtypes[i]
+        compute = plan.dtype[i]
+        emulate = compute == "float16" and not native_fp16
+        leaves, spec = tree_flatten((node.args, node.kwargs))
+        m = 0
+        changed = False
+        for k, leaf in enumerate(leaves):
+            if not isinstance(leaf, fx.Node) or leaf not in traced.tensor_of:
+                continue
+            src_ref = traced.tensor_of[leaf]
+            have = _planned_dtype(plan, index, src_ref)
+            w = want[m] if m < len(want) else have
+            m += 1
+            if have not in TO_TORCH or w not in TO_TORCH:
+                continue
+            new = leaf
+            if w != have:
+                new = cast(leaf, TO_TORCH[w], node)
+            if emulate and w == "float16":
+                new = cast(new, torch.float32, node)
+            if new is not leaf:
+                leaves[k] = new
+                changed = True
+        if changed:
+            args, kwargs = torch.utils._pytree.tree_unflatten(leaves, spec)
+            node.args, node.kwargs = tuple(args), dict(kwargs)
+        if emulate:
+            _round_outputs_to_fp16(graph, node, traced)
+    graph.lint()
+    gm = fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Precision")
+    return gm
+
+
+def _planned_dtype(plan: CastPlan, index: dict[str, int], ref: str) -> str:
+    src, _, port = ref.rpartition(":")
+    outs = plan.out_dtypes[index[src]]
+    return outs[int(port)] if int(port) < len(outs) else ""
+
+
+def _round_outputs_to_fp16(graph: fx.Graph, node: fx.Node, traced: TracedModel) -> None:
+    value = traced.concrete.get(node)
+    targets = [node] if isinstance(value, torch.Tensor) else [u for u in node.users if u in traced.tensor_of]
+    for t in targets:
+        users = list(t.users)
+        with graph.inserting_after(t):
+            low = graph.call_method("to", (t, torch.float16))
+        for u in users:
+            u.replace_input_with(t, low)
