@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import inspect
+import weakref
 from typing import Any, Sequence
 
 import torch
@@ -260,9 +261,14 @@ def _to_opgraph(model: torch.nn.Module, graph: fx.Graph, concrete: dict[fx.Node,
     return TracedModel(model, graph, concrete, og, tensor_of, op_node)
 
 
+_TRACES: "weakref.WeakKeyDictionary[OpGraph, TracedModel]" = weakref.WeakKeyDictionary()
+
+
 def trace(model: torch.nn.Module, example_inputs: Sequence[Any]) -> OpGraph:
     """The model's OpGraph: op types from the torch alias table, node names from module paths."""
-    return trace_fx(model, example_inputs).graph
+    traced = trace_fx(model, example_inputs)
+    _TRACES[traced.graph] = traced
+    return traced.graph
 
 
 def apply(model: torch.nn.Module, plan: CastPlan, example_inputs: Sequence[Any] | None = None, *,
@@ -273,13 +279,24 @@ def apply(model: torch.nn.Module, plan: CastPlan, example_inputs: Sequence[Any] 
     masters and their low-precision copies are made once per forward. float16 is emulated
     (float16 storage, float32 compute) unless ``native_fp16=True``.
     """
+    if traced is None and example_inputs is None and plan.graph is not None:
+        traced = _TRACES.get(plan.graph)
+        if traced is not None and traced.module is not model:
+            traced = None
     if traced is None:
         if example_inputs is None:
             raise GraphError("apply() needs the example_inputs the plan was traced with (or traced=...)")
         traced = trace_fx(model, example_inputs)
     if plan.graph is not None and plan.graph.node_names != traced.graph.node_names:
         raise GraphError("the plan was made for another graph than this model traces to; re-plan with trace(model, ...)")
-    graph = traced.fx_graph
+    graph = fx.Graph()
+    remap: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(traced.fx_graph, remap))  # the trace stays reusable
+    concrete = {remap[n]: v for n, v in traced.concrete.items() if n in remap}
+    traced = TracedModel(model, graph, concrete, traced.graph,
+                         {remap[n]: r for n, r in traced.tensor_of.items()},
+                         {remap[n]: r for n, r in traced.op_node.items()})
+    tensor_of = dict(traced.tensor_of)  # grows with the rounding casts of emulated float16 outputs
     index = {n: i for i, n in enumerate(plan.names)}
     casts: dict[tuple[fx.Node, torch.dtype], fx.Node] = {}
 
@@ -304,9 +321,9 @@ def apply(model: torch.nn.Module, plan: CastPlan, example_inputs: Sequence[Any] 
         m = 0
         changed = False
         for k, leaf in enumerate(leaves):
-            if not isinstance(leaf, fx.Node) or leaf not in traced.tensor_of:
+            if not isinstance(leaf, fx.Node) or leaf not in tensor_of:
                 continue
-            src_ref = traced.tensor_of[leaf]
+            src_ref = tensor_of[leaf]
             have = _planned_dtype(plan, index, src_ref)
             w = want[m] if m < len(want) else have
             m += 1
@@ -324,7 +341,16 @@ def apply(model: torch.nn.Module, plan: CastPlan, example_inputs: Sequence[Any] 
             args, kwargs = torch.utils._pytree.tree_unflatten(leaves, spec)
             node.args, node.kwargs = tuple(args), dict(kwargs)
         if emulate:
-            _round_outputs_to_fp16(graph, node, traced)
+            _round_outputs_to_fp16(graph, node, traced, tensor_of)
+    fetch_casts = {c.tensor: c.to for c in plan.casts if c.for_fetch}
+    if fetch_casts:
+        out = next(n for n in graph.nodes if n.op == "output")
+        leaves, spec = tree_flatten(out.args)
+        for k, leaf in enumerate(leaves):
+            ref = tensor_of.get(leaf) if isinstance(leaf, fx.Node) else None
+            if ref in fetch_casts and fetch_casts[ref] in TO_TORCH:
+                leaves[k] = cast(leaf, TO_TORCH[fetch_casts[ref]], out)
+        out.args = tuple(torch.utils._pytree.tree_unflatten(leaves, spec))
     graph.lint()
     gm = fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Precision")
     return gm
@@ -336,12 +362,16 @@ def _planned_dtype(plan: CastPlan, index: dict[str, int], ref: str) -> str:
     return outs[int(port)] if int(port) < len(outs) else ""
 
 
-def _round_outputs_to_fp16(graph: fx.Graph, node: fx.Node, traced: TracedModel) -> None:
+def _round_outputs_to_fp16(graph: fx.Graph, node: fx.Node, traced: TracedModel, tensor_of: dict) -> None:
+    """After an emulated float16 op (computed in float32), store its float outputs as float16."""
     value = traced.concrete.get(node)
-    targets = [node] if isinstance(value, torch.Tensor) else [u for u in node.users if u in traced.tensor_of]
+    targets = [node] if isinstance(value, torch.Tensor) else [u for u in node.users if u in tensor_of]
     for t in targets:
+        if not (isinstance(traced.concrete.get(t), torch.Tensor) and traced.concrete[t].is_floating_point()):
+            continue
         users = list(t.users)
         with graph.inserting_after(t):
             low = graph.call_method("to", (t, torch.float16))
         for u in users:
             u.replace_input_with(t, low)
+        tensor_of[low] = tensor_of[t]
