@@ -113,8 +113,14 @@ class PrecisionFunctionMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: C901 - the hot path, kept flat
         kwargs = kwargs or {}
-        if _busy() or self.decider is None:
+        if _busy():
             return func(*args, **kwargs)
+        if self.decider is None:  # precision(enabled=False): shield the call from outer contexts
+            _state.busy = True
+            try:
+                return func(*args, **kwargs)
+            finally:
+                _state.busy = False
         try:
             op = self._ops[func]
         except (KeyError, TypeError):
