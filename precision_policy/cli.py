@@ -93,6 +93,8 @@ def _config(args: argparse.Namespace):
             settings[key] = Path(value)
     if args.fetch_low:
         settings["keep_output_dtype"] = False
+    if args.native_fp16:
+        settings["native_fp16"] = True
     return RunConfig(**settings)
 
 
@@ -115,6 +117,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(p.summary())
     converted = p.converted()
     print(f"\nmode {p.mode_name}, op-info {p.library_name}: {len(converted)} op(s) converted, {len(p.casts)} cast(s) in all")
+    if any(d.dtype == "float16" for d in converted):
+        how = p.config.get("float16", "emulated")
+        print("float16 execution: " + ("native float16 kernels" if how == "native" else
+              "emulated on CPU (float16 storage, float32 compute; --native-fp16 for real kernels)"))
     if converted:
         rows = [(d.name, d.op_type, f"{d.origin} -> {d.dtype}", d.reason) for d in converted[: args.limit]]
         print(_table(rows, ("node", "op", "dtype", "why")))
@@ -221,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--keep-dtype", help="file of op names / OpType::X lines that keep their origin dtype")
         p.add_argument("--customize-dtypes", help="file of exact per-op dtypes")
         p.add_argument("--fetch-low", action="store_true", help="let graph outputs stay in low precision (no cast back)")
+        p.add_argument("--native-fp16", action="store_true", help="plan for real float16 kernels (default: emulated on CPU)")
         add_json(p)
 
     p = sub.add_parser("plan", help="plan a graph under a mode: summary, converted ops, casts, unknown ops")

@@ -47,6 +47,9 @@ class RunConfig(BaseModel):
         customize_dtypes: text file of exact per-op dtypes.
         loss_scale: ``None``, ``"dynamic"``, a number, a preset name or a dict of parameters.
         keep_output_dtype: graph outputs keep their origin dtype (a cast is added when needed).
+        native_fp16: run float16 ops on real float16 kernels. By default float16 is emulated on
+            the CPU (float16 storage, so values round at every op boundary; float32 compute), as
+            TensorFlow's auto_mixed_precision_cpu does: CPU float16 kernels are ~100x slower.
         use_env_lists: read TF's ``TF_AUTO_MIXED_PRECISION_GRAPH_REWRITE_*`` lists from ``env``.
         env: the environment to read them from; None means ``os.environ`` at planning time.
     """
@@ -61,6 +64,7 @@ class RunConfig(BaseModel):
     customize_dtypes: Optional[Path] = None
     loss_scale: Optional[Union[str, float, int, dict]] = None
     keep_output_dtype: bool = True
+    native_fp16: bool = False
     use_env_lists: bool = True
     env: Optional[dict[str, str]] = Field(default=None, repr=False)
 
@@ -161,4 +165,5 @@ class RunConfig(BaseModel):
                 out[key] = str(value)
         if not self.keep_output_dtype:
             out["keep_output_dtype"] = False
+        out["float16"] = "native" if self.native_fp16 else "emulated"
         return out

@@ -245,7 +245,9 @@ class CastPlan:
         lines = [f"{d.name} ({d.op_type})"]
         lines.append(f"  origin dtype : {d.origin or '-'}")
         status = "converted" if d.converted else "unchanged"
-        lines.append(f"  computes in  : {d.dtype or '-'}  [{status}]")
+        emulated = d.dtype == "float16" and self.config.get("float16", "emulated") == "emulated"
+        how = " (emulated: float16 storage, float32 compute)" if emulated else ""
+        lines.append(f"  computes in  : {d.dtype or '-'}{how}  [{status}]")
         lines.append(f"  why          : {d.reason}")
         chain = self._chain(i)
         if len(chain) > 1:

@@ -200,3 +200,18 @@ def test_prepare_wraps_forward_and_keeps_state_dict():
     assert y.dtype == torch.float32  # keep_output_dtype: outputs back in float32
     _, scaler = prepare(model, opt, BF16_AUTOCAST.model_copy(update={"loss_scale": "dynamic"}))
     assert scaler is not None
+
+
+def test_plan_says_float16_is_emulated_and_config_can_ask_for_native():
+    lin = torch.nn.Linear(8, 8)
+    x = torch.randn(2, 8)
+    cfg = pp.RunConfig(precision_mode="force_fp16", op_info="ascend910", use_env_lists=False)
+    plan = pp.plan(trace(lin, (x,)), cfg)
+    assert plan.to_dict()["config"]["float16"] == "emulated"
+    assert "emulated: float16 storage, float32 compute" in plan.explain(plan.converted()[0].name)
+    native = cfg.model_copy(update={"native_fp16": True})
+    plan_native = pp.plan(trace(lin, (x,)), native)
+    assert plan_native.to_dict()["config"]["float16"] == "native"
+    gm = apply(lin, plan_native)
+    assert "torch.float32" not in gm.code  # real float16 kernels: no upcasts for compute
+    assert "torch.float32" in apply(lin, plan).code

@@ -231,7 +231,7 @@ def precision(
     config: RunConfig | None = None,
     *,
     enabled: bool = True,
-    native_fp16: bool = False,
+    native_fp16: bool | None = None,
     record: list | None = None,
     model: torch.nn.Module | None = None,
     **settings: Any,
@@ -242,7 +242,7 @@ def precision(
     innermost decides), ``enabled=False`` runs the enclosed code in the model's own dtypes
     even inside another context, the state is per thread, and nothing is left behind when
     the block raises. ``record`` collects one entry per intercepted op (label, op type,
-    dtype, reason). float16 is emulated on the CPU unless ``native_fp16=True``. Pass ``model``
+    dtype, reason). float16 is emulated on the CPU unless ``native_fp16`` (default: the config's). Pass ``model``
     so that its inputs count as graph inputs and its parameters and buffers as variables,
     exactly as in :func:`~precision_policy.torch.trace`.
     """
@@ -251,6 +251,8 @@ def precision(
     elif settings:
         config = RunConfig(**{**config.model_dump(), **settings})
     decider = decider_for(config) if enabled else None
+    if native_fp16 is None:
+        native_fp16 = config.native_fp16
     mode = PrecisionFunctionMode(decider, native_fp16=native_fp16, record=record, model=model,
                                  origin=FROM_TORCH.get(torch.get_default_dtype(), "float32"))
     saved = _busy()

@@ -272,13 +272,15 @@ def trace(model: torch.nn.Module, example_inputs: Sequence[Any]) -> OpGraph:
 
 
 def apply(model: torch.nn.Module, plan: CastPlan, example_inputs: Sequence[Any] | None = None, *,
-          native_fp16: bool = False, traced: TracedModel | None = None) -> fx.GraphModule:
+          native_fp16: bool | None = None, traced: TracedModel | None = None) -> fx.GraphModule:
     """Rewrite ``model`` so that every op runs in the dtype ``plan`` gives it.
 
     Casts go where the plan puts them, one per (tensor, dtype); parameters stay float32
     masters and their low-precision copies are made once per forward. float16 is emulated
-    (float16 storage, float32 compute) unless ``native_fp16=True``.
+    (float16 storage, float32 compute) unless ``native_fp16=True`` (default: what the plan says).
     """
+    if native_fp16 is None:
+        native_fp16 = plan.config.get("float16") == "native"
     if traced is None and example_inputs is None and plan.graph is not None:
         traced = _TRACES.get(plan.graph)
         if traced is not None and traced.module is not model:

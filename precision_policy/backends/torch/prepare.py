@@ -60,7 +60,7 @@ def prepare(
     config: RunConfig | None = None,
     *,
     example_inputs: Sequence[Any] | None = None,
-    native_fp16: bool = False,
+    native_fp16: bool | None = None,
     **settings: Any,
 ) -> tuple[torch.nn.Module, Any]:
     """Make ``model``'s forward run under ``config``'s precision mode; return it and a loss scaler.
