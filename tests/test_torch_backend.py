@@ -213,5 +213,5 @@ def test_plan_says_float16_is_emulated_and_config_can_ask_for_native():
     plan_native = pp.plan(trace(lin, (x,)), native)
     assert plan_native.to_dict()["config"]["float16"] == "native"
     gm = apply(lin, plan_native)
-    assert "torch.float32" not in gm.code  # real float16 kernels: no upcasts for compute
-    assert "torch.float32" in apply(lin, plan).code
+    assert gm.code.count("torch.float32") == 1  # only the fetch cast back: no upcasts for compute
+    assert apply(lin, plan).code.count("torch.float32") > 1
