@@ -19,12 +19,14 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/demo_core.py
+	$(PY) examples/demo_torch.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/plan_scaling.py
+	$(PY) benchmarks/torch_overhead.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache
