@@ -215,3 +215,39 @@ def test_plan_says_float16_is_emulated_and_config_can_ask_for_native():
     gm = apply(lin, plan_native)
     assert gm.code.count("torch.float32") == 1  # only the fetch cast back: no upcasts for compute
     assert apply(lin, plan).code.count("torch.float32") > 1
+
+
+def test_eager_reports_unknown_ops_and_warnings_once_however_many_steps():
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.special.i0e(self.fc(x))
+
+    model = Odd()
+    with precision(BF16_AUTOCAST, model=model) as mode:
+        for _ in range(5):
+            model(torch.randn(2, 4))
+    unknown = mode.decider.unknown
+    assert len(unknown) == 1 and all(len(v) == 1 for v in unknown.values())
+
+
+def test_unmapped_call_keeps_origin_dtype_in_both_routes():
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.special.i0e(self.fc(x)).detach()
+
+    model, x = Odd(), torch.randn(2, 4)
+    cfg = BF16_AUTOCAST.model_copy(update={"keep_output_dtype": False})
+    plan = pp.plan(trace(model, (x,)), cfg)
+    (name,) = plan.unknown["torch:torch.special.special_i0e"]
+    assert plan[name].dtype == "float32" and ("fc:0", "float32") in {(c.tensor, c.to) for c in plan.casts}
+    assert apply(model, plan)(x).dtype == torch.float32
+    with precision(cfg, model=model):
+        assert model(x).dtype == torch.float32

@@ -277,8 +277,13 @@ class NodeDecider:
     an eager backend can call it on every op of every step.
     """
 
-    def __init__(self, mode: "PrecisionMode", library: Library, overrides: Overrides | None = None) -> None:
+    def __init__(
+        self, mode: "PrecisionMode", library: Library, overrides: Overrides | None = None, *, dedupe: bool = False
+    ) -> None:
+        """``dedupe=True`` (eager backends, which decide the same op every step) records each
+        unknown op name and warning once instead of once per call."""
         self.mode = mode
+        self._seen: set | None = set() if dedupe else None
         self.library = library
         self.overrides = overrides or Overrides()
         self.must_keep = mode.name == "must_keep_origin_dtype"
@@ -311,7 +316,11 @@ class NodeDecider:
         or a name). Problems and warnings are collected on the decider, not raised.
         """
         if op not in self._known:
-            self.unknown.setdefault(op, []).append(name)
+            if self._seen is None:
+                self.unknown.setdefault(op, []).append(name)
+            elif (op, name) not in self._seen:
+                self._seen.add((op, name))
+                self.unknown.setdefault(op, []).append(name)
         if self._by_name:
             return self._decide(name, op, org, actual_in, voters, outs, producers, names)
         key = (op, org, actual_in, voters, outs)
@@ -338,7 +347,12 @@ class NodeDecider:
                 prod = names[prod[0]]
             why = head + prod + tail
         for w in new_w:
-            self.warnings.append(f"{name}: {w}")
+            text = f"{name}: {w}"
+            if self._seen is None:
+                self.warnings.append(text)
+            elif text not in self._seen:
+                self._seen.add(text)
+                self.warnings.append(text)
         for pr in new_p:
             self.problems.append((name, op, pr))
         return d, why, want_in, new_out, is_cast

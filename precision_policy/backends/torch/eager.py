@@ -223,7 +223,7 @@ def _out_dtypes(out: Any) -> tuple:
 def decider_for(config: RunConfig) -> NodeDecider:
     """The core decider for a config (library and overrides loaded once)."""
     library = config.library()
-    return NodeDecider(config.mode, library, config.overrides(library))
+    return NodeDecider(config.mode, library, config.overrides(library), dedupe=True)
 
 
 @contextmanager

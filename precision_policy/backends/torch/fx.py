@@ -241,13 +241,11 @@ def _to_opgraph(model: torch.nn.Module, graph: fx.Graph, concrete: dict[fx.Node,
             label, op, inplace = str(node.target), None, False
         outs = _tensor_leaves(value)
         ins = [a for a in leaves if a in tensor_of]
-        if inplace and ins:
-            tensor_of[node] = tensor_of[ins[0]]  # the result is its first input, updated in place
+        if (inplace or op is None) and ins and isinstance(value, torch.Tensor):
+            tensor_of[node] = tensor_of[ins[0]]  # in-place update or detach-like: its first input
             continue
-        if not outs:
+        if not outs or op is None:
             continue  # metadata: shapes, sizes, comparisons of Python numbers
-        if op is None:
-            op = f"torch:{label}"  # reported as an unknown op type, never guessed
         path = _module_path(node)
         base = path if path and path not in first_op_in else (f"{path}/{node.name}" if path else node.name)
         first_op_in.add(path)

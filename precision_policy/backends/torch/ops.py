@@ -10,6 +10,8 @@ Example:
     >>> from precision_policy.backends.torch.ops import op_type_of
     >>> op_type_of(torch.nn.functional.conv2d), op_type_of(torch.Tensor.add), op_type_of(torch.Tensor.size)
     ('Conv2D', 'Add', None)
+    >>> op_type_of(torch.special.i0e)
+    'torch:torch.special.special_i0e'
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ METADATA_METHODS: frozenset[str] = frozenset(
         "item", "tolist", "numpy", "requires_grad_", "retain_grad", "register_hook", "backward",
         "detach", "detach_", "__get__", "__set__", "__setstate__", "__reduce_ex__", "__deepcopy__",
         "type_as", "has_names", "untyped_storage", "_version", "__index__", "__int__", "__float__",
+        "__setitem__", "__array__", "__dlpack__", "__dlpack_device__", "storage", "is_set_to", "pin_memory",
     }
 )
 
@@ -106,28 +109,37 @@ def is_inplace(name: str) -> bool:
     return name.endswith("_") and not name.endswith("__")
 
 
+UNMAPPED_PREFIX = "torch:"
+
+
 def method_op_type(name: str) -> str | None:
-    """Op type of a Tensor method called by name (FX ``call_method``); None for metadata and in-place."""
+    """Op type of a Tensor method called by name (FX ``call_method``).
+
+    None for metadata and in-place calls (not precision ops); ``"torch:Tensor.<name>"`` for a
+    method the alias table does not map: an unknown op type, reported, never guessed.
+    """
     if name in METADATA_METHODS or is_inplace(name):
         return None
-    return _tables()[1].get(name)
+    return _tables()[1].get(name) or f"{UNMAPPED_PREFIX}Tensor.{name}"
 
 
 def op_type_of(func: Any) -> str | None:
-    """Canonical op type of a torch function/method/operator, or None when it is not a precision op."""
+    """Canonical op type of a torch function/method/operator (see :func:`method_op_type`)."""
     funcs, methods, _ = _tables()
-    try:
-        op = funcs.get(func)
-    except TypeError:
-        return None
     name = getattr(func, "__name__", "")
     if name in METADATA_METHODS or is_inplace(name):
         return None
+    try:
+        op = funcs.get(func)
+    except TypeError:
+        op = None
     if op is not None:
         return op
     if getattr(func, "__objclass__", None) is _TensorBase:
-        return methods.get(name)
-    return None
+        op = methods.get(name)
+        if op is not None:
+            return op
+    return f"{UNMAPPED_PREFIX}{func_label(func)}"
 
 
 def module_op_type(module: torch.nn.Module) -> str | None:
@@ -140,12 +152,21 @@ def module_op_type(module: torch.nn.Module) -> str | None:
     return None
 
 
+_C_MODULES = {
+    "torch._C._nn": "torch.nn.functional",
+    "torch._C._special": "torch.special",
+    "torch._C._linalg": "torch.linalg",
+    "torch._C._fft": "torch.fft",
+    "torch._C._VariableFunctions": "torch",
+    "torch._C._VariableFunctionsClass": "torch",
+}
+
+
 def func_label(func: Any) -> str:
     """A readable name for a torch callable (``torch.nn.functional.linear``, ``Tensor.add``)."""
     if getattr(func, "__objclass__", None) is _TensorBase:
         return f"Tensor.{func.__name__}"
     mod = getattr(func, "__module__", None) or ""
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
-    if mod in ("torch._C._nn", "torch._C._VariableFunctions", "torch._C._VariableFunctionsClass"):
-        mod = "torch"
+    mod = _C_MODULES.get(mod, mod)
     return f"{mod}.{name}" if mod else name
