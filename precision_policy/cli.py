@@ -190,6 +190,25 @@ def cmd_set_flag(args: argparse.Namespace) -> int:
     return _edit(args, args.flag)
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    try:
+        from precision_policy.backends.tensorflow import convert
+    except ImportError:
+        print("precision-policy: error: convert needs TensorFlow: pip install 'precision-policy[tensorflow]'",
+              file=sys.stderr)
+        return EXIT_USAGE
+    config = _config(args)
+    plan = convert(args.src, args.dst, config, tags=args.tags.split(",") if args.tags else None)
+    if args.json:
+        _print_json({"src": args.src, "dst": args.dst, "summary": plan.summary(), "plan": plan.to_dict()})
+        return EXIT_OK
+    print(plan.summary())
+    print(f"wrote {args.dst}")
+    if plan.unknown:
+        print("unknown op types (kept in their origin dtype): " + ", ".join(sorted(plan.unknown)))
+    return EXIT_OK
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from precision_policy.opinfo.schema import json_schema
 
@@ -218,8 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_json(p)
     p.set_defaults(func=cmd_validate)
 
-    def add_plan_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("graph", help="graph JSON file (TF .pb/.pbtxt/SavedModel when TensorFlow is installed)")
+    def add_mode_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--mode", help="precision_mode (e.g. allow_mix_precision); default allow_fp32_to_fp16")
         p.add_argument("--mode-v2", help="precision_mode_v2 (e.g. mixed_float16); not with --mode")
         p.add_argument("--op-info", default="ascend910", help="op-info library file, folder or shipped name (default ascend910)")
@@ -229,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--fetch-low", action="store_true", help="let graph outputs stay in low precision (no cast back)")
         p.add_argument("--native-fp16", action="store_true", help="plan for real float16 kernels (default: emulated on CPU)")
         add_json(p)
+
+    def add_plan_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("graph", help="graph JSON file (TF .pb/.pbtxt/SavedModel when TensorFlow is installed)")
+        add_mode_args(p)
 
     p = sub.add_parser("plan", help="plan a graph under a mode: summary, converted ops, casts, unknown ops")
     add_plan_args(p)
@@ -257,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--op-info", required=True, help="op-info JSON file (or folder) to edit in place")
     add_json(p)
     p.set_defaults(func=cmd_set_flag)
+
+    p = sub.add_parser("convert", help="convert a TensorFlow model (.pb, .pbtxt, SavedModel) to a precision mode")
+    p.add_argument("src", help="input: .pb / .pbtxt GraphDef or SavedModel folder")
+    p.add_argument("dst", help="output: .pb / .pbtxt, or a new SavedModel folder")
+    p.add_argument("--tags", help="SavedModel meta graph tags, comma-separated (default: the first meta graph)")
+    add_mode_args(p)
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("schema", help="print the JSON Schema of the op-info format")
     p.set_defaults(func=cmd_schema)
