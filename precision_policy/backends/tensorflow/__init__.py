@@ -9,5 +9,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ start-up chatter 
 
 from precision_policy.backends.tensorflow.convert import convert, load_graph_def, rewrite  # noqa: E402
 from precision_policy.backends.tensorflow.graphdef import apply_plan, to_opgraph  # noqa: E402
+from precision_policy.backends.tensorflow.session import Session  # noqa: E402
 
-__all__ = ["apply_plan", "convert", "load_graph_def", "rewrite", "to_opgraph"]
+__all__ = ["Session", "apply_plan", "convert", "load_graph_def", "rewrite", "to_opgraph"]
