@@ -108,9 +108,13 @@ def parse_tensor_ref(ref: str) -> tuple[str, int]:
 class OpGraph:
     """A framework-neutral dataflow graph of named ops with dtypes on their outputs."""
 
-    def __init__(self, name: str = "graph", *, source: str | None = None) -> None:
+    def __init__(self, name: str = "graph", *, source: str | None = None, lookahead: bool = True) -> None:
         self.name = name
         self.source = source  # file it came from, for error messages
+        #: Whether a plan may look at an op's readers (a gray op between a black and a white op
+        #: then runs low, moving the cast before it). Graphs that an eager route must reproduce
+        #: op by op, with no look-ahead, set it to False.
+        self.lookahead = lookahead
         self._names: list[str] = []
         self._ops: list[str] = []
         self._inputs: list[tuple[str, ...]] = []
@@ -329,13 +333,16 @@ class OpGraph:
             if i in self._attrs:
                 entry["attrs"] = self._attrs[i]
             nodes.append(entry)
-        return {
+        doc = {
             "format": GRAPH_FORMAT,
             "version": GRAPH_VERSION,
             "name": self.name,
             "nodes": nodes,
             "outputs": list(self._fetches),
         }
+        if not self.lookahead:
+            doc["lookahead"] = False
+        return doc
 
     def to_json(self, path: str | Path | None = None, *, indent: int | None = 1) -> str:
         text = json.dumps(self.to_dict(), indent=indent) + "\n"
@@ -360,7 +367,10 @@ class OpGraph:
         if not isinstance(nodes, list):
             raise GraphError("'nodes' must be a list of node objects", file=source)
         name = data.get("name", Path(source).stem if source else "graph")
-        graph = cls(str(name), source=source)
+        lookahead = data.get("lookahead", True)
+        if not isinstance(lookahead, bool):
+            raise GraphError("'lookahead' must be true or false", file=source)
+        graph = cls(str(name), source=source, lookahead=lookahead)
         for k, entry in enumerate(nodes):
             if not isinstance(entry, dict):
                 raise GraphError(f"nodes[{k}] must be an object with 'name', 'op', 'inputs', 'outputs'", file=source)

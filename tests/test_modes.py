@@ -268,3 +268,20 @@ def test_float64_ops_keep_their_precision(small_lib):
     lib.write_text(json.dumps({"Relu": {"input0": {"dtype": "double,float,float16"}, "output0": {"dtype": "double,float,float16"}}}))
     p = plan(lib_graph, "force_fp16", lib)
     assert dt(p, "r") == "float64" and "float64 op" in p["r"].reason
+
+
+def test_gray_op_between_black_and_white_runs_low_when_it_adds_no_cast(small_lib):
+    nodes = [("x", "Placeholder", []), ("w", "Const", []), ("rs", "ReduceSum", ["x:0"]), ("r", "Relu", ["rs:0"]),
+             ("mm", "MatMulV2", ["r:0", "w:0"])]
+    p = plan(graph(nodes, ["mm:0"]), "allow_mix_precision", small_lib)
+    assert p["r"].dtype == "float16" and "every reader needs float16" in p["r"].reason
+    assert ("rs:0", "float16") in casts(p) and ("r:0", "float16") not in casts(p)
+    # a graph an eager route must reproduce op by op does not look ahead
+    g = graph(nodes, ["mm:0"])
+    g.lookahead = False
+    p = plan(g, "allow_mix_precision", small_lib)
+    assert p["r"].dtype == "float32" and p["r"].reason == "gray: follows rs"
+    # two float inputs to cast instead of one output: not worth it
+    nodes2 = nodes[:3] + [("rs2", "ReduceSum", ["x:0"]), ("a", "Add", ["rs:0", "rs2:0"]), ("mm", "MatMulV2", ["a:0", "w:0"])]
+    p = plan(graph(nodes2, ["mm:0"]), "allow_mix_precision", small_lib)
+    assert p["a"].dtype == "float32"

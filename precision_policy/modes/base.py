@@ -211,6 +211,9 @@ class PrecisionMode:
         if problems:
             raise PrecisionError(_problem_message(self.name, library, problems), problems)
         fetched = res.is_fetch if keep_output_dtype else set()
+        if self.mixed and graph.lookahead:
+            _gray_takes_consumer_dtype(self.low, library, res, ops, src, origin, dtype, in_dt, out_dt, reason,
+                                       casts, fetched)
         if cast_nodes:
             _absorb_into_casts(cast_nodes, casts, data_inputs, fetched, dtype, out_dt, reason)
         for i in cast_nodes:
@@ -488,6 +491,88 @@ def _tensor_dtypes(
     )
     new_out = tuple(((pout[k] or d) if pout else d) if is_float(x) else x for k, x in enumerate(outs))
     return want_in, new_out
+
+
+def _gray_takes_consumer_dtype(low, library, res, ops, src, origin, dtype, in_dt, out_dt, reason, casts, fetched) -> None:
+    """A gray op whose every reader wants ``low`` runs in ``low`` when that adds no cast.
+
+    The "follows its producer" rule can leave a gray op in float32 between a black op and a
+    white one (Exp -> Relu -> MatMul): the cast then sits after the gray op. Running the gray
+    op in ``low`` instead moves that cast before it — no extra cast, one more op in low
+    precision, as TensorFlow's AMP does for clear/infer ops between allow ops. Applied from the
+    outputs backwards, so whole gray chains move.
+    """
+    from precision_policy.plan import Cast
+
+    is_float = dtypes.FLOAT_DTYPES.__contains__
+    cand = {
+        i for i, r in enumerate(reason)
+        if r.startswith(("gray: follows", "gray: inputs disagree")) and dtype[i] is not None and dtype[i] != low
+        and ops[i] != "Cast"
+    }
+    if not cand:
+        return
+    readers: dict[tuple[int, int], int] = {}  # distinct reading nodes per tensor
+    for ins in res.data_inputs:
+        for key in {(j, p) for j, p in ins if j in cand}:
+            readers[key] = readers.get(key, 0) + 1
+    counted = ("op", "input")
+    for i in reversed(res.order):
+        if i not in cand:
+            continue
+        info = library.get(ops[i])
+        if info is None or not info.supports(low):
+            continue
+        outs = out_dt[i]
+        removed = []
+        ok = True
+        for p, d in enumerate(outs):
+            if not is_float(d):
+                continue
+            n_read = readers.get((i, p), 0)
+            if (i, p) in fetched:
+                ok = False
+                break
+            c = casts.get((i, p, low))
+            if n_read == 0:
+                continue
+            if c is None or c.for_fetch or len(c.consumers) != n_read:
+                ok = False
+                break
+            removed.append((i, p, low))
+        if not ok or not removed:
+            continue
+        ins = res.data_inputs[i]
+        added = 0
+        for m, (j, p) in enumerate(ins):
+            a = out_dt[j][p]
+            if is_float(a) and a != low and (j, p, low) not in casts and (src[j] or "op") in counted:
+                added += 1
+        if added > len(removed):
+            continue
+        new_in, new_out = _tensor_dtypes(info, low, outs, tuple(out_dt[j][p] for j, p in ins))
+        for m, (j, p) in enumerate(ins):
+            old_w, new_w = in_dt[i][m], new_in[m]
+            if old_w == new_w:
+                continue
+            old = casts.get((j, p, old_w))
+            if old is not None and i in old.consumers:
+                old.consumers.remove(i)
+                if not old.consumers and not old.for_fetch:
+                    del casts[(j, p, old_w)]
+            a = out_dt[j][p]
+            if is_float(a) and is_float(new_w) and a != new_w:
+                c = casts.get((j, p, new_w))
+                if c is None:
+                    c = casts[(j, p, new_w)] = Cast(j, p, a, new_w, src[j] or "op", [], False)
+                if i not in c.consumers:
+                    c.consumers.append(i)
+        for key in removed:
+            del casts[key]
+        dtype[i] = low
+        in_dt[i] = new_in
+        out_dt[i] = new_out
+        reason[i] = f"gray: runs in {low} because every reader needs {low} (the cast moves before it)"
 
 
 def _absorb_into_casts(cast_nodes, casts, data_inputs, fetched, dtype, out_dt, reason) -> None:

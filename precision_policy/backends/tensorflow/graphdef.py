@@ -209,7 +209,7 @@ def apply_plan(info: GraphInfo, plan: CastPlan, *, native_fp16: bool | None = No
         if plan.reasons[i].startswith(("source", "reads ", "no float")):
             continue
         compute = plan.dtype[i]
-        emulate = compute == "float16" and not native_fp16
+        emulate = compute == "float16" and not native_fp16 and node.op != "Cast"
         if emulate:
             emulated.add(name)
         want_in, outs = plan.in_dtypes[i], plan.out_dtypes[i]

@@ -184,7 +184,7 @@ def trace_fx(model: torch.nn.Module, example_inputs: Sequence[Any]) -> TracedMod
 
 
 def _to_opgraph(model: torch.nn.Module, graph: fx.Graph, concrete: dict[fx.Node, Any]) -> TracedModel:
-    og = OpGraph(type(model).__name__)
+    og = OpGraph(type(model).__name__, lookahead=False)  # the eager route must reproduce it op by op
     tensor_of: dict[fx.Node, str] = {}
     op_node: dict[fx.Node, str] = {}
     used: dict[str, int] = {}
