@@ -36,4 +36,5 @@ def plan(graph: OpGraph | str | Path, config: RunConfig | None = None, **setting
         overrides,
         keep_output_dtype=config.keep_output_dtype,
         config_summary=config.summary(),
+        gray_disagreement=config.gray_disagreement,
     )

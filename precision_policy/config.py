@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Literal, Mapping, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -47,6 +47,9 @@ class RunConfig(BaseModel):
         customize_dtypes: text file of exact per-op dtypes.
         loss_scale: ``None``, ``"dynamic"``, a number, a preset name or a dict of parameters.
         keep_output_dtype: graph outputs keep their origin dtype (a cast is added when needed).
+        gray_disagreement: what a gray op follows when its inputs arrive in different dtypes:
+            "widest" (as torch's type promotion: a float32 residual stream stays float32) or
+            "low" (as TensorFlow's AMP: any low-precision input makes it low).
         native_fp16: run float16 ops on real float16 kernels. By default float16 is emulated on
             the CPU (float16 storage, so values round at every op boundary; float32 compute), as
             TensorFlow's auto_mixed_precision_cpu does: CPU float16 kernels are ~100x slower.
@@ -65,6 +68,7 @@ class RunConfig(BaseModel):
     loss_scale: Optional[Union[str, float, int, dict]] = None
     keep_output_dtype: bool = True
     native_fp16: bool = False
+    gray_disagreement: Literal["widest", "low"] = "widest"
     use_env_lists: bool = True
     env: Optional[dict[str, str]] = Field(default=None, repr=False)
 
@@ -166,4 +170,6 @@ class RunConfig(BaseModel):
         if not self.keep_output_dtype:
             out["keep_output_dtype"] = False
         out["float16"] = "native" if self.native_fp16 else "emulated"
+        if self.gray_disagreement != "widest":
+            out["gray_disagreement"] = self.gray_disagreement
         return out

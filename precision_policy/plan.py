@@ -106,7 +106,7 @@ class NodeDecision:
     @property
     def converted(self) -> bool:
         """True when the node computes in a dtype other than its origin (sources never do)."""
-        return self.dtype is not None and self.origin is not None and self.dtype != self.origin and not self.reason.startswith(("source", "reads "))
+        return self.dtype is not None and self.origin is not None and self.dtype != self.origin and not self.reason.startswith("source")
 
 
 class CastPlan:
@@ -211,7 +211,7 @@ class CastPlan:
         counts: dict[str, int] = {}
         for i in range(len(self.names)):
             d, o = self.dtype[i], self.origin[i]
-            if d is not None and o is not None and d != o and not self.reasons[i].startswith(("source", "reads ")):
+            if d is not None and o is not None and d != o and not self.reasons[i].startswith("source"):
                 counts[d] = counts.get(d, 0) + 1
         return counts
 

@@ -32,6 +32,17 @@ _FALLBACK_ORDER = (F32, F16, BF16, F64)
 
 Decision = tuple[str, str, "str | None"]  # (dtype, reason, warning or None)
 
+#: Ops whose outputs are their inputs' values rearranged: running them low loses nothing, so
+#: a chain of them fed by constants (a reshaped bias) takes its readers' dtype and the cast
+#: goes to the constant, ahead of time. Arithmetic on constants (a folded batch-norm scale)
+#: stays in its origin dtype and is cast once.
+DATA_MOVEMENT_OPS: frozenset[str] = frozenset({
+    "Identity", "IdentityN", "Reshape", "Squeeze", "ExpandDims", "Unsqueeze", "Flatten", "Transpose",
+    "TransposeD", "StridedSlice", "StridedSliceD", "Slice", "ConcatV2", "ConcatV2D", "Concat", "Pack",
+    "Unpack", "Split", "SplitV", "SplitD", "Tile", "TileD", "BroadcastTo", "GatherV2", "Gather", "GatherNd",
+    "Pad", "PadV2", "PadD", "MirrorPad", "Reverse", "ReverseV2", "Snapshot", "StopGradient",
+})
+
 
 class NoKernel(Exception):
     """Raised by :meth:`PrecisionMode.decide` when the mode cannot be honoured for an op."""
@@ -102,12 +113,13 @@ class PrecisionMode:
         *,
         keep_output_dtype: bool = True,
         config_summary: dict | None = None,
+        gray_disagreement: str = "widest",
     ) -> "CastPlan":
         """Decide every node's dtype and place the casts. See the module docstring."""
         was_enabled = gc.isenabled()
         gc.disable()  # the planner allocates millions of small tuples; generational GC would rescan them all
         try:
-            return self._plan(graph, library, overrides, keep_output_dtype, config_summary)
+            return self._plan(graph, library, overrides, keep_output_dtype, config_summary, gray_disagreement)
         finally:
             if was_enabled:
                 gc.enable()
@@ -119,6 +131,7 @@ class PrecisionMode:
         overrides: Overrides | None,
         keep_output_dtype: bool,
         config_summary: dict | None,
+        gray_disagreement: str = "widest",
     ) -> "CastPlan":
         from precision_policy.plan import Cast, CastPlan
 
@@ -130,7 +143,7 @@ class PrecisionMode:
         data_inputs = res.data_inputs
         n = len(names)
         is_float = dtypes.FLOAT_DTYPES.__contains__
-        decider = NodeDecider(self, library, ov)
+        decider = NodeDecider(self, library, ov, gray_disagreement=gray_disagreement)
         decide = decider.decide_node
 
         origin: list[str | None] = [None] * n
@@ -191,6 +204,10 @@ class PrecisionMode:
             d, why, want_in, new_out, is_cast = decide(name, op, org, actual_in, voters, o, ins, names)
             if is_cast:
                 cast_nodes.append(i)
+            if ins and all(src[j] == "const" for j, _ in ins):
+                # computed from constants only (a folded batch-norm scale, say): a constant too,
+                # so it does not vote for its readers, and casting it is a constant's cast
+                src[i] = "const"
             dtype[i] = d
             out_dt[i] = new_out
             in_dt[i] = want_in
@@ -281,10 +298,21 @@ class NodeDecider:
     """
 
     def __init__(
-        self, mode: "PrecisionMode", library: Library, overrides: Overrides | None = None, *, dedupe: bool = False
+        self,
+        mode: "PrecisionMode",
+        library: Library,
+        overrides: Overrides | None = None,
+        *,
+        dedupe: bool = False,
+        gray_disagreement: str = "widest",
     ) -> None:
         """``dedupe=True`` (eager backends, which decide the same op every step) records each
-        unknown op name and warning once instead of once per call."""
+        unknown op name and warning once instead of once per call. ``gray_disagreement`` is what
+        a gray op follows when its inputs arrive in different dtypes: ``"widest"`` (torch's type
+        promotion; the safe default) or ``"low"`` (TensorFlow's AMP: any low input makes it low)."""
+        if gray_disagreement not in ("widest", "low"):
+            raise ValueError(f"gray_disagreement must be 'widest' or 'low', got {gray_disagreement!r}")
+        self.prefer_low = gray_disagreement == "low"
         self.mode = mode
         self._seen: set | None = set() if dedupe else None
         self.library = library
@@ -421,7 +449,10 @@ class NodeDecider:
                         follow, follow_m = a, m
                     elif a != follow:
                         disagree = True
-                        if dtypes.rank(a) > dtypes.rank(follow):
+                        if self.prefer_low:
+                            if a == mode.low:
+                                follow, follow_m = a, m
+                        elif dtypes.rank(a) > dtypes.rank(follow):
                             follow, follow_m = a, m
                 if follow is not None:
                     d, why, warn = mode._decide_cached(self._follow, info, GRAY, org, follow)
@@ -430,7 +461,8 @@ class NodeDecider:
                         prod = names[prod[0]]
                     if why.startswith("gray: follows"):
                         if disagree:
-                            why = f"gray: inputs disagree, follows the widest ({prod}, {follow})"
+                            which = "lowest" if self.prefer_low else "widest"
+                            why = f"gray: inputs disagree, follows the {which} ({prod}, {follow})"
                         else:
                             why = f"gray: follows {prod}"
                         why += flag_note
@@ -507,8 +539,9 @@ def _gray_takes_consumer_dtype(low, library, res, ops, src, origin, dtype, in_dt
     is_float = dtypes.FLOAT_DTYPES.__contains__
     cand = {
         i for i, r in enumerate(reason)
-        if r.startswith(("gray: follows", "gray: inputs disagree")) and dtype[i] is not None and dtype[i] != low
-        and ops[i] != "Cast"
+        if dtype[i] is not None and dtype[i] != low and ops[i] != "Cast"
+        and (r.startswith(("gray: follows", "gray: inputs disagree", "reads "))
+             or (r.startswith("gray, fed only") and ops[i] in DATA_MOVEMENT_OPS))
     }
     if not cand:
         return
@@ -572,7 +605,10 @@ def _gray_takes_consumer_dtype(low, library, res, ops, src, origin, dtype, in_dt
         dtype[i] = low
         in_dt[i] = new_in
         out_dt[i] = new_out
-        reason[i] = f"gray: runs in {low} because every reader needs {low} (the cast moves before it)"
+        if reason[i].startswith("reads "):
+            reason[i] += f"; in {low}, as every reader needs (the {src[i]} is cast before the read)"
+        else:
+            reason[i] = f"gray: runs in {low} because every reader needs {low} (the cast moves before it)"
 
 
 def _absorb_into_casts(cast_nodes, casts, data_inputs, fetched, dtype, out_dt, reason) -> None:

@@ -223,7 +223,8 @@ def _out_dtypes(out: Any) -> tuple:
 def decider_for(config: RunConfig) -> NodeDecider:
     """The core decider for a config (library and overrides loaded once)."""
     library = config.library()
-    return NodeDecider(config.mode, library, config.overrides(library), dedupe=True)
+    return NodeDecider(config.mode, library, config.overrides(library), dedupe=True,
+                       gray_disagreement=config.gray_disagreement)
 
 
 @contextmanager
