@@ -5,7 +5,7 @@ Example:
     >>> cfg = pp.RunConfig(precision_mode="allow_mix_precision", op_info="ascend910")
     >>> plan = pp.plan("examples/graphs/conv2d_bias_relu.json", cfg)
     >>> plan.summary()
-    'Converted 3/8 nodes to float16 precision using 1 cast(s) to float16 (excluding Const and Variable casts)'
+    'Converted 4/8 nodes to float16 precision using 0 cast(s) to float16 (excluding Const and Variable casts)'
 """
 
 from precision_policy import dtypes, modes

@@ -427,6 +427,11 @@ def _check_invariants(graph: pp.OpGraph, plan: pp.CastPlan, keep_output_dtype: b
             kinds[i] = pp.graph.SOURCE_KINDS[op]
         elif op in pp.graph.PASSTHROUGH_OPS and len(ins) == 1 and kinds[ins[0][0]] != "op":
             kinds[i] = kinds[ins[0][0]]
+        elif ins and all(kinds[j] == "const" for j, _ in ins) and (
+            any(dtypes.is_float(d) for d in graph.output_dtypes[i])
+            or any(dtypes.is_float(graph.output_dtypes[j][p]) for j, p in ins)
+        ):
+            kinds[i] = "const"  # computed from constants only: a constant too
         else:
             kinds[i] = "op"
     for c in casts:

@@ -16,8 +16,10 @@ TRANSFORMER = EXAMPLES / "transformer_encoder_block.json"
 
 def test_seed_conv_graph_summary_matches_tf_wording():
     p = pp.plan(CONV, precision_mode="allow_mix_precision", op_info="ascend910", use_env_lists=False)
-    assert p.summary() == "Converted 3/8 nodes to float16 precision using 1 cast(s) to float16 (excluding Const and Variable casts)"
-    assert [d.name for d in p.converted()] == ["myConv", "BiasAdd", "myOutput"]
+    # like TF's log for this graph, no cast is counted: the Reshape of the variable X runs in
+    # float16 too (its only reader needs it), so the cast sits after the variable read
+    assert p.summary() == "Converted 4/8 nodes to float16 precision using 0 cast(s) to float16 (excluding Const and Variable casts)"
+    assert [d.name for d in p.converted()] == ["x", "myConv", "BiasAdd", "myOutput"]
 
 
 def test_json_has_every_node_and_cast_and_is_byte_stable(tmp_path):
