@@ -196,3 +196,54 @@ def test_cli_convert_savedmodel_serves(tmp_path):
     r = subprocess.run([sys.executable, "-m", "precision_policy", "convert", str(src), str(dst),
                         "--mode", "allow_mix_precision_bf16", "--op-info", "tf_amp_bf16"], capture_output=True, text=True)
     assert r.returncode == 2 and "already exists" in r.stderr
+
+
+def test_float16_is_emulated_by_default_and_native_on_request():
+    def fn():
+        x = tf.compat.v1.placeholder(tf.float32, [2, 8, 8, 3], name="x")
+        w = tf.constant(np.random.RandomState(0).randn(3, 3, 3, 4).astype("float32"))
+        c = tf.nn.conv2d(x, w, 1, "SAME", name="conv")
+        tf.nn.relu(c, name="out")
+
+    gd = build(fn)
+    cfg = pp.RunConfig(precision_mode="allow_mix_precision", op_info="ascend910", use_env_lists=False)
+    emulated, plan = rewrite_with_plan(gd, cfg, ["out"])
+    assert plan.to_dict()["config"]["float16"] == "emulated"
+    conv = {n.name: n for n in emulated.node}["conv"]
+    assert conv.attr["T"].type == 1  # float32 kernel between float16 tensors
+    assert any(n.name.startswith("conv/Round") for n in emulated.node)
+    native = rewrite(gd, cfg.model_copy(update={"native_fp16": True}), ["out"])
+    assert {n.name: n for n in native.node}["conv"].attr["T"].type == 19  # DT_HALF
+    x = np.random.RandomState(1).randn(2, 8, 8, 3).astype("float32")
+    ref = run(gd, "out:0", {"x:0": x})
+    got = run(emulated, "out:0", {"x:0": x})
+    assert got.dtype == np.float32 and np.allclose(got, ref, atol=2e-2, rtol=1e-2)
+
+
+def test_cli_plans_and_explains_a_frozen_pb(tmp_path):
+    import subprocess
+    import sys
+
+    def fn():
+        x = tf.compat.v1.placeholder(tf.float32, [4, 8], name="x")
+        w = tf.constant(np.ones((8, 8), "float32"))
+        tf.nn.relu(tf.matmul(x, w, name="mm"), name="out")
+
+    pb = tmp_path / "frozen.pb"
+    pb.write_bytes(build(fn).SerializeToString())
+    base = [sys.executable, "-m", "precision_policy"]
+    r = subprocess.run(base + ["plan", str(pb), "--mode", "mixed_bfloat16", "--op-info", "tf_amp_bf16"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Converted 2/4 nodes to bfloat16")
+    r = subprocess.run(base + ["explain", str(pb), "mm", "--mode", "mixed_bfloat16", "--op-info", "tf_amp_bf16"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "white-list" in r.stdout
+    out = tmp_path / "bf16.pbtxt"
+    r = subprocess.run(base + ["convert", str(pb), str(out), "--mode", "mixed_bfloat16", "--op-info", "tf_amp_bf16"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and 'op: "Cast"' in out.read_text()
+    bad = tmp_path / "bad.pb"
+    bad.write_bytes(b"\x00not a graph")
+    r = subprocess.run(base + ["plan", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2 and "bad.pb" in r.stderr and "Traceback" not in r.stderr

@@ -231,6 +231,7 @@ def apply_plan(info: GraphInfo, plan: CastPlan, *, native_fp16: bool | None = No
                 _set_type(node, attr, "float32" if (emulate and dt == "float16") else dt, set_attrs, conflicts)
     # 2. casts
     rewire: dict[tuple[str, int, str], str] = {}  # (src node, port, dtype) -> tensor name to read instead
+    made: dict[tuple[str, int, str], node_def_pb2.NodeDef] = {}  # every plan cast -> the node doing it
     new_nodes: list[node_def_pb2.NodeDef] = []
     for c in plan.casts:
         s, _, port = c.tensor.rpartition(":")
@@ -248,6 +249,7 @@ def apply_plan(info: GraphInfo, plan: CastPlan, *, native_fp16: bool | None = No
             new = _cast_node(_unique(f"{s}/CastTo{suffix}" + (f"_{port}" if port else ""), taken), _ref(s, port),
                              c.from_dtype, c.to)
         new_nodes.append(new)
+        made[(s, port, c.to)] = new
         if c.consumers:
             rewire[(s, port, c.to)] = new.name
     for name, node in nodes.items():
@@ -293,13 +295,7 @@ def apply_plan(info: GraphInfo, plan: CastPlan, *, native_fp16: bool | None = No
             continue  # multi-output fetch: left converted (its readers were already rewired)
         moved = _unique(f"{s}/{plan.dtype[index[s]]}", taken)
         _rename(nodes, new_nodes, s, moved)
-        cast = next((n for n in new_nodes if n.op == "Cast" and n.input and n.input[0] == moved
-                     and n.attr["DstT"].type == dtype_enum(c.to)), None)
-        if cast is None:
-            cast = _cast_node(s, moved, c.from_dtype, c.to)
-            new_nodes.append(cast)
-        else:
-            _rename(nodes, new_nodes, cast.name, s)
+        _rename(nodes, new_nodes, made[(s, port, c.to)].name, s)  # the fetch cast takes the fetched name
         taken.add(s)
     # 5. identity Casts: readers take the Cast's input directly
     for i in plan.identity:
