@@ -27,6 +27,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/plan_scaling.py
 	$(PY) benchmarks/torch_overhead.py
+	$(PY) benchmarks/tf_vs_grappler.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache
