@@ -65,7 +65,7 @@ class RunConfig(BaseModel):
     modify_mixlist: Optional[Path] = None
     keep_dtype: Optional[Path] = None
     customize_dtypes: Optional[Path] = None
-    loss_scale: Optional[Union[str, float, int, dict]] = None
+    loss_scale: Optional[Union[bool, float, int, str, dict]] = None
     keep_output_dtype: bool = True
     native_fp16: bool = False
     gray_disagreement: Literal["widest", "low"] = "widest"
@@ -111,9 +111,16 @@ class RunConfig(BaseModel):
     @field_validator("loss_scale")
     @classmethod
     def _loss_scale(cls, value: Any) -> Any:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not value > 0:
-            raise ValueError(f"a fixed loss scale must be a positive number, got {value!r}")
+        from precision_policy.loss_scale import from_config
+
+        from_config(value)  # a bad value fails here, naming the presets or the parameter
         return value
+
+    def make_loss_scale(self) -> Any:
+        """A fresh loss-scale state machine for ``loss_scale`` (None when it is not set)."""
+        from precision_policy.loss_scale import from_config
+
+        return from_config(self.loss_scale)
 
     @model_validator(mode="after")
     def _one_mode(self) -> "RunConfig":

@@ -22,6 +22,7 @@ import torch
 
 from precision_policy.backends.torch.eager import FROM_TORCH, TO_TORCH, decider_for, precision
 from precision_policy.backends.torch.ops import module_op_type
+from precision_policy.backends.torch.scaler import LossScaler
 from precision_policy.config import RunConfig
 from precision_policy.errors import PrecisionError
 from precision_policy.modes.base import _problem_message
@@ -104,16 +105,5 @@ def prepare(
     model._pp_original_forward = original
     model._pp_config = config
     model.forward = forward
-    return model, _make_scaler(config)
-
-
-def _make_scaler(config: RunConfig) -> Any:
-    """Interim: torch's own GradScaler on the CPU until precision_policy.loss_scale lands."""
-    ls = config.loss_scale
-    if ls is None:
-        return None
-    if isinstance(ls, (int, float)):
-        return torch.amp.GradScaler("cpu", init_scale=float(ls), growth_interval=2**31 - 1)
-    if isinstance(ls, dict):
-        return torch.amp.GradScaler("cpu", **ls)
-    return torch.amp.GradScaler("cpu")
+    state = config.make_loss_scale()
+    return model, (LossScaler(state, model=model) if state is not None else None)

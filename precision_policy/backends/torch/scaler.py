@@ -1,0 +1,147 @@
+"""Loss scaling for PyTorch training loops, with torch.amp.GradScaler's shape.
+
+Wraps one of the core's loss-scale state machines (any preset: torch, keras, ascend,
+mindspore). ``step`` returns whether the optimizer step was applied; a skipped step logs
+which parameters had non-finite gradients (also in :attr:`LossScaler.last_overflow`). Under
+``torch.distributed`` the overflow flag is all-reduced, so every rank skips the same steps.
+
+Example:
+    >>> import torch
+    >>> from precision_policy.torch import LossScaler
+    >>> model = torch.nn.Linear(4, 1)
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> scaler = LossScaler("dynamic", model=model)
+    >>> loss = model(torch.ones(2, 4)).sum()
+    >>> scaler.scale(loss).backward()
+    >>> scaler.step(opt), scaler.update(), scaler.get_scale()
+    (True, None, 65536.0)
+    >>> model.weight.grad[0, 0] = float("inf")          # an overflow
+    >>> scaler.step(opt), scaler.last_overflow, scaler.get_scale() == 65536.0
+    (False, ['weight'], True)
+    >>> scaler.update(); scaler.get_scale()
+    32768.0
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable
+
+import torch
+
+from precision_policy.loss_scale import DynamicLossScale, FixedLossScale, from_config
+
+log = logging.getLogger(__name__)
+
+_READY, _UNSCALED, _STEPPED = "ready", "unscaled", "stepped"
+
+
+class LossScaler:
+    """Scale the loss, unscale and check the gradients, skip overflowing steps, update the scale.
+
+    Args:
+        loss_scale: a state machine, or what ``RunConfig.loss_scale`` accepts ("dynamic", a
+            number, a preset name such as "ascend", a dict of parameters).
+        model: optional; names parameters in overflow reports (``model.named_parameters()``).
+        enabled: False makes every method a pass-through (scale 1, steps always applied).
+    """
+
+    def __init__(self, loss_scale: Any = "dynamic", *, model: torch.nn.Module | None = None,
+                 enabled: bool = True) -> None:
+        state = loss_scale if isinstance(loss_scale, (DynamicLossScale, FixedLossScale)) else from_config(loss_scale)
+        self.enabled = enabled and state is not None
+        self.state = state if state is not None else FixedLossScale(1.0)
+        self._names: dict[int, str] = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
+        self._per_optimizer: dict[int, dict[str, Any]] = {}
+        self.last_overflow: list[str] = []
+
+    # ------------------------------------------------------------------ GradScaler's shape
+    def get_scale(self) -> float:
+        return self.state.scale if self.enabled else 1.0
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` times the current scale (float32, so a large scale cannot overflow the loss itself)."""
+        if not self.enabled:
+            return loss
+        return loss.float() * self.state.scale
+
+    def _params(self, optimizer: torch.optim.Optimizer) -> Iterable[tuple[int, int, torch.nn.Parameter]]:
+        for g, group in enumerate(optimizer.param_groups):
+            for k, p in enumerate(group["params"]):
+                yield g, k, p
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        """Divide ``optimizer``'s gradients by the scale, in place, and look for inf/nan (once per step)."""
+        if not self.enabled:
+            return
+        info = self._per_optimizer.setdefault(id(optimizer), {"stage": _READY})
+        if info["stage"] != _READY:
+            raise RuntimeError("unscale_() was already called on this optimizer since the last update()")
+        inv = 1.0 / self.state.scale
+        bad: list[str] = []
+        flags = []
+        for g, k, p in self._params(optimizer):
+            if p.grad is None:
+                continue
+            grad = p.grad
+            if grad.is_sparse:
+                grad = grad.coalesce()._values()
+            finite = torch.isfinite(grad).all()
+            flags.append(~finite)
+            p.grad.mul_(inv)
+            if not bool(finite):
+                bad.append(self._names.get(id(p), f"param_groups[{g}][{k}]"))
+        found = torch.stack(flags).any().float() if flags else torch.zeros(())
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
+        info.update(stage=_UNSCALED, found_inf=bool(found.item()), bad=bad)
+
+    def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> bool:
+        """Unscale if needed, then step ``optimizer`` unless a gradient overflowed; returns whether it stepped."""
+        if not self.enabled:
+            optimizer.step(*args, **kwargs)
+            return True
+        info = self._per_optimizer.get(id(optimizer))
+        if info is None or info["stage"] == _READY:
+            self.unscale_(optimizer)
+            info = self._per_optimizer[id(optimizer)]
+        if info["stage"] == _STEPPED:
+            raise RuntimeError("step() was already called on this optimizer since the last update()")
+        info["stage"] = _STEPPED
+        if info["found_inf"]:
+            self.last_overflow = list(info["bad"])
+            where = ", ".join(info["bad"][:8]) or "another rank"
+            more = f" and {len(info['bad']) - 8} more" if len(info["bad"]) > 8 else ""
+            log.warning("loss scale %g: non-finite gradients in %s%s; optimizer step skipped",
+                        self.state.scale, where, more)
+            return False
+        optimizer.step(*args, **kwargs)
+        return True
+
+    def update(self, new_scale: float | None = None) -> None:
+        """Feed this iteration's overflow result to the state machine (call once per iteration)."""
+        if not self.enabled:
+            return
+        found = any(info.get("found_inf", False) for info in self._per_optimizer.values())
+        if not self._per_optimizer:
+            raise RuntimeError("update() needs a step() or unscale_() first in this iteration")
+        self.state.update(found)
+        if new_scale is not None:
+            self.state.scale = float(new_scale)
+        self._per_optimizer.clear()
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, "loss_scale": self.state.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.enabled = bool(state["enabled"])
+        inner = state["loss_scale"]
+        if inner.get("kind") == "fixed" and not isinstance(self.state, FixedLossScale):
+            self.state = FixedLossScale(inner["scale"])
+        elif inner.get("kind") == "dynamic" and not isinstance(self.state, DynamicLossScale):
+            self.state = DynamicLossScale()
+        self.state.load_state_dict(inner)
+
+    def __repr__(self) -> str:
+        return f"LossScaler({self.state!r}, enabled={self.enabled})"
