@@ -138,29 +138,14 @@ class DynamicLossScale:
 
     def update(self, found_inf: bool) -> bool:
         """Record one step's overflow check; returns whether its update is applied (False: skip)."""
+        old = self.scale
+        self.scale, self.good_steps, self.bad_steps = transition(
+            PythonOps, self, self.scale, self.good_steps, self.bad_steps, bool(found_inf))
         self.steps += 1
-        if found_inf:
-            self.skipped_steps += 1
-            self.good_steps = 0
-            self.bad_steps += 1
-            if self.bad_steps >= self.decr_every_n_nan_or_inf:
-                new = self.scale * self.backoff_factor
-                if new < self.min_scale:
-                    new = self.min_scale if self.below_min == "clamp" else self.scale
-                if new != self.scale:
-                    log.info("loss scale backs off: %g -> %g", self.scale, new)
-                self.scale = new
-                self.bad_steps = 0
-            return False
-        self.good_steps += 1
-        if self.good_steps >= self.growth_interval:
-            new = self.scale * self.growth_factor
-            if new <= self.max_scale and math.isfinite(new):
-                log.info("loss scale grows: %g -> %g", self.scale, new)
-                self.scale = new
-                self.bad_steps = 0
-            self.good_steps = 0
-        return True
+        self.skipped_steps += int(bool(found_inf))
+        if self.scale != old:
+            log.info("loss scale %s: %g -> %g", "backs off" if found_inf else "grows", old, self.scale)
+        return not found_inf
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -192,6 +177,47 @@ class DynamicLossScale:
     def __repr__(self) -> str:
         return (f"DynamicLossScale(scale={self.scale:g}, growth {self.growth_factor:g} every {self.growth_interval}, "
                 f"backoff {self.backoff_factor:g} every {self.decr_every_n_nan_or_inf} bad step(s))")
+
+
+class PythonOps:
+    """The operations :func:`transition` needs, on Python numbers (a TF backend passes TF ones)."""
+
+    @staticmethod
+    def where(cond, a, b):
+        return a if cond else b
+
+    @staticmethod
+    def logical_and(a, b):
+        return a and b
+
+    @staticmethod
+    def logical_not(a):
+        return not a
+
+    @staticmethod
+    def logical_or(a, b):
+        return a or b
+
+
+def transition(ops: Any, p: DynamicLossScale, scale: Any, good: Any, bad: Any, found_inf: Any) -> tuple[Any, Any, Any]:
+    """One step of the dynamic loss-scale state machine: ``(scale, good, bad)`` after a step.
+
+    Written once over ``ops`` (``where``/``logical_and``/``logical_not``) so the same rule runs
+    on Python numbers here and on TensorFlow variables inside a compiled training step.
+    """
+    bad1 = ops.where(found_inf, bad + 1, bad)
+    good1 = ops.where(found_inf, good * 0, good + 1)
+    back = ops.logical_and(found_inf, bad1 >= p.decr_every_n_nan_or_inf)
+    backed = scale * p.backoff_factor
+    floor = p.min_scale if p.below_min == "clamp" else scale
+    backed = ops.where(backed < p.min_scale, floor, backed)
+    grow = ops.logical_and(ops.logical_not(found_inf), good1 >= p.growth_interval)
+    grown = scale * p.growth_factor
+    grow_ok = ops.logical_and(grow, grown <= p.max_scale)
+    new_scale = ops.where(back, backed, ops.where(grow_ok, grown, scale))
+    new_bad = ops.where(ops.logical_or(back, grow_ok), bad1 * 0, bad1)
+    new_good = ops.where(grow, good1 * 0, good1)
+    return new_scale, new_good, new_bad
 
 
 LossScale = FixedLossScale | DynamicLossScale

@@ -9,6 +9,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ start-up chatter 
 
 from precision_policy.backends.tensorflow.convert import convert, load_graph_def, rewrite  # noqa: E402
 from precision_policy.backends.tensorflow.graphdef import apply_plan, to_opgraph  # noqa: E402
+from precision_policy.backends.tensorflow.loss_scale import TF1LossScaleOptimizer  # noqa: E402
 from precision_policy.backends.tensorflow.session import Session  # noqa: E402
 
-__all__ = ["Session", "apply_plan", "convert", "load_graph_def", "rewrite", "to_opgraph"]
+LossScaleOptimizer = TF1LossScaleOptimizer  # for session training; Keras: precision_policy.keras.LossScaleOptimizer
+
+__all__ = ["LossScaleOptimizer", "Session", "TF1LossScaleOptimizer", "apply_plan", "convert", "load_graph_def",
+           "rewrite", "to_opgraph"]

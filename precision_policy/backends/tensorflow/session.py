@@ -48,6 +48,11 @@ from precision_policy.plan import CastPlan
 def _name(item: Any) -> str:
     if isinstance(item, str):
         return item
+    as_element = getattr(item, "_as_graph_element", None)
+    if as_element is not None and not isinstance(item, (tf.Tensor, tf.Operation)):
+        element = as_element()  # a variable fetches its value, as in tf.compat.v1.Session
+        if element is not None:
+            item = element
     name = getattr(item, "name", None)
     if name is None:
         raise TypeError(f"cannot fetch or feed {item!r}: expected a tf.Tensor, tf.Operation or a name")
@@ -95,7 +100,8 @@ class Session:
             name = _name(item)
             if ":" in name:
                 t = self.graph.get_tensor_by_name(name)
-                origin[name] = t.dtype.as_numpy_dtype
+                if t.dtype.is_floating:
+                    origin[name] = t.dtype.as_numpy_dtype
             return name
 
         new_fetches = tf.nest.map_structure(to_new, fetches)
