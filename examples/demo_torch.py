@@ -55,6 +55,7 @@ def train(config: pp.RunConfig | None) -> tuple[float, float]:
             sched.step()
             steps += 1
     per_step = (time.perf_counter() - t0) / steps
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay float32
     model.eval()
     with torch.no_grad():
         acc = (model(x_test).argmax(1) == y_test).float().mean().item() * 100

@@ -87,7 +87,6 @@ class GraphInfo:
 
     graph_def: graph_pb2.GraphDef
     types: dict[str, NodeTypes] = field(default_factory=dict)
-    data_inputs: dict[str, list[str]] = field(default_factory=dict)  # node -> its data input refs, in order
 
 
 def _arg_types(arg: Any, node: node_def_pb2.NodeDef) -> tuple[list[str | None], list[int]]:
@@ -135,11 +134,7 @@ def to_opgraph(graph_def: graph_pb2.GraphDef, fetches: Sequence[str] | None = No
     for node in graph_def.node:
         nt = node_types(node)
         info.types[node.name] = nt
-        data = [i for i in node.input if not i.startswith("^")]
-        info.data_inputs[node.name] = data
         op = _SOURCES.get(node.op) or aliases.get(node.op, node.op)
-        if node.op == "Identity" and len(data) == 1:
-            op = "Identity"
         outs = [d if d != "invalid" else "variant" for d in nt.out_dtypes]
         og.add_node(node.name, op, list(node.input), outs, {"tf_op": node.op} if op != node.op else None)
     og.set_outputs([f if ":" in f else f"{f}:0" for f in (fetches or []) if not f.startswith("^")])
@@ -252,32 +247,24 @@ def apply_plan(info: GraphInfo, plan: CastPlan, *, native_fp16: bool | None = No
         made[(s, port, c.to)] = new
         if c.consumers:
             rewire[(s, port, c.to)] = new.name
+    readers = {(s, int(p), c.to): set(c.consumers) for c in plan.casts for s, _, p in [c.tensor.rpartition(":")]}
     for name, node in nodes.items():
-        i = index[name]
-        want_in = plan.in_dtypes[i]
-        m = 0
-        for k, ref in enumerate(node.input):
-            if ref.startswith("^"):
-                continue
+        want_in = plan.in_dtypes[index[name]]
+        for k, m, ref in _data_inputs(node):
             if m < len(want_in):
                 pname, port = parse_tensor_ref(ref)
                 target = rewire.get((pname, port, want_in[m]))
-                if target is not None and name in _consumers(plan, pname, port, want_in[m]):
+                if target is not None and name in readers[(pname, port, want_in[m])]:
                     node.input[k] = target
-            m += 1
     # 3. emulated float16: float32 kernels between float16 tensors
     for name in emulated:
         node = nodes[name]
-        nt = info.types[name]
-        m = 0
-        for k, ref in enumerate(node.input):
-            if ref.startswith("^"):
-                continue
-            if m < len(plan.in_dtypes[index[name]]) and plan.in_dtypes[index[name]][m] == "float16":
+        want_in = plan.in_dtypes[index[name]]
+        for k, m, ref in _data_inputs(node):
+            if m < len(want_in) and want_in[m] == "float16":
                 up = _cast_node(_unique(f"{name}/Upcast_{m}", taken), ref, "float16", "float32")
                 new_nodes.append(up)
                 node.input[k] = up.name
-            m += 1
         outs = plan.out_dtypes[index[name]]
         for port, dt in enumerate(outs):
             if dt == "float16":
@@ -329,13 +316,14 @@ def _tf_dtype(name: str) -> Any:
     return tf.as_dtype(name)
 
 
-def _consumers(plan: CastPlan, src: str, port: int, to: str) -> tuple[str, ...]:
-    cache = plan.__dict__.setdefault("_tf_consumers", {})
-    if not cache:
-        for c in plan.casts:
-            s, _, p = c.tensor.rpartition(":")
-            cache[(s, int(p), c.to)] = set(c.consumers)
-    return cache.get((src, port, to), ())
+def _data_inputs(node: node_def_pb2.NodeDef):
+    """(position in node.input, data-input index, ref) for each data (non-control) input."""
+    m = 0
+    for k, ref in enumerate(node.input):
+        if ref.startswith("^"):
+            continue
+        yield k, m, ref
+        m += 1
 
 
 def _redirect_readers(nodes: dict, extra: list, name: str, port: int, new_ref: str, *, skip: str) -> None:
