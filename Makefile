@@ -20,6 +20,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/demo_core.py
 	$(PY) examples/demo_torch.py
+	$(PY) examples/demo_tf.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q
