@@ -235,7 +235,6 @@ class OpGraph:
         names = self._names
         n = len(names)
         data_inputs: list[tuple[tuple[int, int], ...]] = [()] * n
-        deps: list[tuple[int, ...]] | None = None  # only built when the node order is not topological
         in_order = True
         for i in range(n):
             refs = self._inputs[i]

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import pytest
 
 from conftest import json_entry_span
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import precision_policy as pp

@@ -2,11 +2,10 @@ import json
 
 import pytest
 
-import precision_policy as pp
 from precision_policy.errors import OpInfoError
 from precision_policy.opinfo import load_library, resolve_library_path, shipped_libraries
 
-from conftest import SMALL_LIB, op_entry
+from conftest import op_entry
 
 
 def write(path, data):
@@ -99,7 +98,6 @@ def test_library_cache_sees_file_changes(tmp_path):
     f = write(tmp_path / "l.json", {"A": op_entry("float16,float", "true")})
     assert load_library(f)["A"].flag == "white"
     import os
-    import time
 
     write(f, {"A": op_entry("float16,float", "false")})
     st = f.stat()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -11,6 +14,9 @@ import precision_policy as pp  # noqa: E402
 from precision_policy.backends.tensorflow import Session, rewrite  # noqa: E402
 from precision_policy.backends.tensorflow.convert import rewrite_with_plan  # noqa: E402
 from tf_helpers import converted_by_tf, count_casts, grappler_bf16  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from demo_tf import seed_savedmodel  # noqa: E402
 
 CFG = pp.RunConfig(precision_mode="allow_mix_precision_bf16", op_info="tf_amp_bf16", use_env_lists=False)
 
@@ -170,22 +176,7 @@ def test_cli_convert_savedmodel_serves(tmp_path):
     import sys
 
     src = tmp_path / "model"
-    g = tf.Graph()
-    with g.as_default():
-        from tensorflow.python.saved_model.signature_def_utils_impl import predict_signature_def
-
-        X = tf.Variable(tf.compat.v1.random_normal([784], seed=1), name="myInput")
-        W = tf.Variable(tf.compat.v1.random_normal([5, 5, 1, 32], seed=2))
-        B = tf.Variable(tf.compat.v1.random_normal([32], seed=3))
-        x = tf.reshape(X, [-1, 28, 28, 1])
-        y = tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(x, W, [1, 1, 1, 1], "SAME", name="myConv"), B), name="myOutput")
-        with tf.compat.v1.Session(graph=g) as sess:
-            sess.run(tf.compat.v1.global_variables_initializer())
-            ref = sess.run(y)
-            builder = tf.compat.v1.saved_model.builder.SavedModelBuilder(str(src))
-            builder.add_meta_graph_and_variables(sess, ["myTag"], signature_def_map={
-                "predict": predict_signature_def(inputs={"myInput": X}, outputs={"myOutput": y})})
-            builder.save()
+    ref = seed_savedmodel(src)  # the seeds' conv2d model, as `make demo` builds it
     dst = tmp_path / "model_bf16"
     r = subprocess.run([sys.executable, "-m", "precision_policy", "convert", str(src), str(dst),
                         "--mode", "allow_mix_precision_bf16", "--op-info", "tf_amp_bf16"], capture_output=True, text=True)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Sequence
 from precision_policy import dtypes
 from precision_policy.errors import PrecisionError
 from precision_policy.graph import PASSTHROUGH_OPS, SOURCE_KINDS, OpGraph
-from precision_policy.opinfo.library import BLACK, GRAY, WHITE, Library, OpInfo
+from precision_policy.opinfo.library import GRAY, Library, OpInfo
 from precision_policy.opinfo.overrides import Overrides
 
 if TYPE_CHECKING:
@@ -204,7 +204,7 @@ class PrecisionMode:
             d, why, want_in, new_out, is_cast = decide(name, op, org, actual_in, voters, o, ins, names)
             if is_cast:
                 cast_nodes.append(i)
-            if ins and all(src[j] == "const" for j, _ in ins):
+            if ins and src[ins[0][0]] == "const" and all(src[j] == "const" for j, _ in ins):
                 # computed from constants only (a folded batch-norm scale, say): a constant too,
                 # so it does not vote for its readers, and casting it is a constant's cast
                 src[i] = "const"
@@ -229,7 +229,7 @@ class PrecisionMode:
             raise PrecisionError(_problem_message(self.name, library, problems), problems)
         fetched = res.is_fetch if keep_output_dtype else set()
         if self.mixed and graph.lookahead:
-            _gray_takes_consumer_dtype(self.low, library, res, ops, src, origin, dtype, in_dt, out_dt, reason,
+            _gray_takes_consumer_dtype(self.low, library, res, ops, src, dtype, in_dt, out_dt, reason,
                                        casts, fetched)
         if cast_nodes:
             _absorb_into_casts(cast_nodes, casts, data_inputs, fetched, dtype, out_dt, reason)
@@ -525,7 +525,7 @@ def _tensor_dtypes(
     return want_in, new_out
 
 
-def _gray_takes_consumer_dtype(low, library, res, ops, src, origin, dtype, in_dt, out_dt, reason, casts, fetched) -> None:
+def _gray_takes_consumer_dtype(low, library, res, ops, src, dtype, in_dt, out_dt, reason, casts, fetched) -> None:
     """A gray op whose every reader wants ``low`` runs in ``low`` when that adds no cast.
 
     The "follows its producer" rule can leave a gray op in float32 between a black op and a
@@ -537,19 +537,22 @@ def _gray_takes_consumer_dtype(low, library, res, ops, src, origin, dtype, in_dt
     from precision_policy.plan import Cast
 
     is_float = dtypes.FLOAT_DTYPES.__contains__
+    following = ("gray: follows", "gray: inputs disagree", "reads ")
     cand = {
-        i for i, r in enumerate(reason)
-        if dtype[i] is not None and dtype[i] != low and ops[i] != "Cast"
-        and (r.startswith(("gray: follows", "gray: inputs disagree", "reads "))
-             or (r.startswith("gray, fed only") and ops[i] in DATA_MOVEMENT_OPS))
+        i for i, d in enumerate(dtype)
+        if d is not None and d != low and ops[i] != "Cast"
+        and (reason[i].startswith(following)
+             or (reason[i].startswith("gray, fed only") and ops[i] in DATA_MOVEMENT_OPS))
     }
     if not cand:
         return
     readers: dict[tuple[int, int], int] = {}  # distinct reading nodes per tensor
     for ins in res.data_inputs:
-        for key in {(j, p) for j, p in ins if j in cand}:
-            readers[key] = readers.get(key, 0) + 1
+        for m, (j, p) in enumerate(ins):
+            if j in cand and (m == 0 or (j, p) not in ins[:m]):
+                readers[(j, p)] = readers.get((j, p), 0) + 1
     counted = ("op", "input")
+    io_cache: dict[tuple, tuple[tuple[str, ...], tuple[str, ...]]] = {}
     for i in reversed(res.order):
         if i not in cand:
             continue
@@ -583,7 +586,12 @@ def _gray_takes_consumer_dtype(low, library, res, ops, src, origin, dtype, in_dt
                 added += 1
         if added > len(removed):
             continue
-        new_in, new_out = _tensor_dtypes(info, low, outs, tuple(out_dt[j][p] for j, p in ins))
+        actual = tuple([out_dt[j][p] for j, p in ins])
+        key = (ops[i], outs, actual)
+        io = io_cache.get(key)
+        if io is None:
+            io = io_cache[key] = _tensor_dtypes(info, low, outs, actual)
+        new_in, new_out = io
         for m, (j, p) in enumerate(ins):
             old_w, new_w = in_dt[i][m], new_in[m]
             if old_w == new_w:

@@ -14,11 +14,11 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from google.protobuf import message, text_format
 from tensorflow.core.framework import graph_pb2
-from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+from tensorflow.core.protobuf import saved_model_pb2
 
 from precision_policy.api import plan as make_plan
 from precision_policy.backends.tensorflow.graphdef import apply_plan, to_opgraph

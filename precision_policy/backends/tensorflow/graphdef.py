@@ -24,8 +24,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import numpy as np
-from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2, types_pb2
+from tensorflow.core.framework import graph_pb2, node_def_pb2, types_pb2
 from tensorflow.python.framework import op_def_registry, tensor_util
 
 from precision_policy import dtypes

@@ -26,7 +26,6 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from precision_policy import dtypes
 from precision_policy.backends.torch.ops import func_label, op_type_of
 from precision_policy.config import RunConfig
 from precision_policy.errors import PrecisionError

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
 from precision_policy.backends.torch.eager import FROM_TORCH, TO_TORCH
 from precision_policy.backends.torch.ops import func_label, is_inplace, method_op_type, op_type_of
