@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -32,6 +33,11 @@ from precision_policy.errors import GraphError
 from precision_policy.graph import OpGraph, parse_tensor_ref
 from precision_policy.opinfo.overrides import tensorflow_aliases
 from precision_policy.plan import CastPlan
+
+log = logging.getLogger(__name__)
+
+#: How a tensor's dtype is set on a node: a type attr's name, (list attr, index), or None (fixed by the OpDef).
+TypeKey = "str | tuple[str, int] | None"
 
 _ENUM_TO_NAME: dict[int, str] = {}
 _NAME_TO_ENUM: dict[str, int] = {}
@@ -63,6 +69,9 @@ _SOURCES = {
 }
 
 
+_FLOAT_ENUMS = frozenset(e for e, n in _ENUM_TO_NAME.items() if dtypes.is_float(n))
+
+
 def dtype_name(enum: int) -> str:
     return _ENUM_TO_NAME.get(enum % 100 if enum > 100 else enum, "invalid")
 
@@ -73,10 +82,11 @@ def dtype_enum(name: str) -> int:
 
 @dataclass
 class NodeTypes:
-    """Which type attribute controls each input and output of a node (None: fixed or list-typed)."""
+    """Which type attribute controls each input and output of a node: its name, ``(list attr, index)``
+    for list-typed args (``IdentityN``'s ``T``), or None when the OpDef fixes the dtype."""
 
-    inputs: list[str | None]
-    outputs: list[str | None]
+    inputs: list[Any]
+    outputs: list[Any]
     out_dtypes: list[str]
 
 
@@ -88,38 +98,52 @@ class GraphInfo:
     types: dict[str, NodeTypes] = field(default_factory=dict)
 
 
-def _arg_types(arg: Any, node: node_def_pb2.NodeDef) -> tuple[list[str | None], list[int]]:
-    """(type attr per expanded tensor, dtype enum per tensor) of one OpDef arg on ``node``."""
+def _arg_types(arg: Any, node: node_def_pb2.NodeDef, op_def: Any = None) -> tuple[list[Any], list[int]]:
+    """(type key per expanded tensor, dtype enum per tensor) of one OpDef arg on ``node``."""
     attrs = node.attr
+
+    def attr_type(name: str) -> int:
+        if name in attrs:
+            return attrs[name].type
+        for a in op_def.attr if op_def is not None else ():
+            if a.name == name and a.HasField("default_value"):
+                return a.default_value.type
+        return types_pb2.DT_FLOAT
+
     if arg.number_attr:
-        n = attrs[arg.number_attr].i
+        n = attrs[arg.number_attr].i if arg.number_attr in attrs else 0
         if arg.type_attr:
-            return [arg.type_attr] * n, [attrs[arg.type_attr].type] * n
+            return [arg.type_attr] * n, [attr_type(arg.type_attr)] * n
         return [None] * n, [arg.type] * n
     if arg.type_list_attr:
         types = list(attrs[arg.type_list_attr].list.type)
-        return [None] * len(types), types
+        return [(arg.type_list_attr, k) for k in range(len(types))], types
     if arg.type_attr:
-        return [arg.type_attr], [attrs[arg.type_attr].type if arg.type_attr in attrs else types_pb2.DT_FLOAT]
+        return [arg.type_attr], [attr_type(arg.type_attr)]
     return [None], [arg.type]
 
 
-def node_types(node: node_def_pb2.NodeDef) -> NodeTypes:
+def _op_def(node: node_def_pb2.NodeDef) -> Any:
     op_def = op_def_registry.get(node.op)
     if op_def is None:
         raise GraphError(
             f"op type {node.op!r} is not registered in this TensorFlow; load the library that defines it first",
             node=node.name,
         )
-    ins: list[str | None] = []
+    return op_def
+
+
+def node_types(node: node_def_pb2.NodeDef) -> NodeTypes:
+    op_def = _op_def(node)
+    ins: list[Any] = []
     for arg in op_def.input_arg:
-        attrs, _ = _arg_types(arg, node)
-        ins += attrs
-    outs: list[str | None] = []
+        keys, _ = _arg_types(arg, node, op_def)
+        ins += keys
+    outs: list[Any] = []
     out_dt: list[str] = []
     for arg in op_def.output_arg:
-        attrs, enums = _arg_types(arg, node)
-        outs += attrs
+        keys, enums = _arg_types(arg, node, op_def)
+        outs += keys
         out_dt += [dtype_name(e) for e in enums]
     return NodeTypes(ins, outs, out_dt)
 
@@ -142,16 +166,53 @@ def to_opgraph(graph_def: graph_pb2.GraphDef, fetches: Sequence[str] | None = No
 
 
 # ---------------------------------------------------------------------- applying a plan
-def _set_type(node: node_def_pb2.NodeDef, attr: str, dtype: str, done: dict, conflicts: list[str]) -> None:
-    key = (node.name, attr)
-    if key in done and done[key] != dtype:
-        conflicts.append(f"{node.name}: type attr {attr} is wanted as {done[key]} and as {dtype}")
-    done[key] = dtype
-    node.attr[attr].type = dtype_enum(dtype)
+#: Ops that only move or select values: exact in float16, and TF has float16 CPU kernels for
+#: them, so emulated float16 runs them natively instead of wrapping them in casts.
+_MOVES_VALUES = frozenset({
+    "Identity", "IdentityN", "Snapshot", "StopGradient", "PreventGradient", "Reshape", "Squeeze", "ExpandDims",
+    "Transpose", "StridedSlice", "Slice", "ConcatV2", "Concat", "Pack", "Unpack", "Split", "SplitV", "Tile",
+    "BroadcastTo", "GatherV2", "Gather", "GatherNd", "Pad", "PadV2", "MirrorPad", "ReverseV2", "ZerosLike",
+    "OnesLike", "Fill", "Enter", "RefEnter", "Exit", "RefExit", "Switch", "RefSwitch", "Merge", "RefMerge",
+    "NextIteration", "RefNextIteration", "Select", "SelectV2", "Where",
+})
+_SUFFIX = {"bfloat16": "BF16", "float16": "FP16", "float32": "FP32", "float64": "FP64"}
+_CONSTS = ("Const", "HostConst")
 
 
-def _cast_node(name: str, src: str, src_dtype: str, dst_dtype: str) -> node_def_pb2.NodeDef:
-    n = node_def_pb2.NodeDef(name=name, op="Cast", input=[src])
+def _signature(node: node_def_pb2.NodeDef) -> tuple[list[TypeKey], list[int], list[bool], list[TypeKey], list[int]]:
+    """(type attr, dtype enum, is-ref) of every input and (type attr, dtype enum) of every output of ``node``."""
+    op_def = _op_def(node)
+    ins: list[TypeKey] = []
+    in_enums: list[int] = []
+    refs: list[bool] = []
+    for arg in op_def.input_arg:
+        keys, enums = _arg_types(arg, node, op_def)
+        ins += keys
+        in_enums += enums
+        refs += [arg.is_ref] * len(keys)
+    outs: list[TypeKey] = []
+    out_enums: list[int] = []
+    for arg in op_def.output_arg:
+        keys, enums = _arg_types(arg, node, op_def)
+        outs += keys
+        out_enums += enums
+    return ins, in_enums, refs, outs, out_enums
+
+
+def _set_type(node: node_def_pb2.NodeDef, key: TypeKey, enum: int, done: dict, conflicts: list[str]) -> None:
+    if key is None:
+        return
+    if key in done and done[key] != enum:
+        conflicts.append(f"{node.name}: type attr {key!r} is wanted as {dtype_name(done[key])} and as {dtype_name(enum)}")
+    done[key] = enum
+    if isinstance(key, tuple):
+        node.attr[key[0]].list.type[key[1]] = enum
+    else:
+        node.attr[key].type = enum
+
+
+def _cast_node(name: str, src: str, src_dtype: str, dst_dtype: str, device: str = "") -> node_def_pb2.NodeDef:
+    n = node_def_pb2.NodeDef(name=name, op="Cast", input=[src], device=device)
     n.attr["SrcT"].type = dtype_enum(src_dtype)
     n.attr["DstT"].type = dtype_enum(dst_dtype)
     n.attr["Truncate"].b = False
@@ -171,141 +232,269 @@ def _ref(name: str, port: int) -> str:
     return name if port == 0 else f"{name}:{port}"
 
 
+class _Rewriter:
+    """Builds the rewritten GraphDef: node attrs from the plan, then every edge made type-consistent."""
+
+    def __init__(self, info: GraphInfo, plan: CastPlan, native_fp16: bool) -> None:
+        self.plan = plan
+        self.native = native_fp16
+        self.index = {n: i for i, n in enumerate(plan.names)}
+        self.nodes = [copy.deepcopy(n) for n in info.graph_def.node]
+        self.by_name = {n.name: n for n in self.nodes}
+        self.original = {n.name: n for n in info.graph_def.node}
+        self.taken = set(self.by_name)
+        self.sig: dict[str, tuple] = {}
+        self.emulated: set[str] = set()
+        self.new_nodes: list[node_def_pb2.NodeDef] = []
+        self.casts: dict[tuple[str, int], tuple[str, int]] = {}  # (tensor ref, dtype enum) -> (ref, dtype enum)
+        self.delivered: dict[tuple[str, int], tuple[str, int]] = {}  # tensor -> (ref readers use, its dtype)
+        self.dropped: dict[str, tuple[str, int]] = {}  # identity Cast -> (what it reads, its dtype)
+        self.anchor: dict[str, str] = {}  # new node -> the node it is placed after
+        self._new_by_name: dict[str, node_def_pb2.NodeDef] = {}
+        self.conflicts: list[str] = []
+
+    # -- 1. every node's type attributes, as planned
+    def set_attrs(self) -> None:
+        plan = self.plan
+        f16 = types_pb2.DT_HALF
+        for node in self.nodes:
+            i = self.index[node.name]
+            sig = _signature(node)
+            ins, in_enums, _, outs, out_enums = sig
+            want = list(zip(ins, in_enums, plan.in_dtypes[i])) + list(zip(outs, out_enums, plan.out_dtypes[i]))
+            changes = [(k, e, d) for k, e, d in want if k is not None and dtypes.is_float(d) and dtype_enum(d) != e
+                       and dtypes.is_float(dtype_name(e))]
+            if not changes:
+                self.sig[node.name] = sig
+                continue
+            emulate = (not self.native and node.op not in _MOVES_VALUES and node.op != "Cast"
+                       and any(d == "float16" for _, _, d in changes))
+            if node.op in ("FusedBatchNorm", "FusedBatchNormV2"):
+                node.op = "FusedBatchNormV3"
+                node.attr["U"].type = types_pb2.DT_FLOAT
+                ins[1:5] = ["U"] * 4
+                outs[1:5] = ["U"] * 4
+            done: dict = {}
+            for k, e, d in want:
+                if k is None or not dtypes.is_float(d) or not dtypes.is_float(dtype_name(e)):
+                    continue
+                target = dtype_enum(d)
+                if emulate and target == f16:
+                    target = e if e != f16 else types_pb2.DT_FLOAT
+                _set_type(node, k, target, done, self.conflicts)
+            if emulate:
+                self.emulated.add(node.name)
+            self.sig[node.name] = _signature(node)
+
+    # -- casts, shared per (tensor, dtype); constants are converted ahead of time
+    def convert(self, ref: str, have: int, to: int) -> str:
+        if have == to or not (_is_float_enum(have) and _is_float_enum(to)):
+            return ref
+        key = (ref, to)
+        hit = self.casts.get(key)
+        if hit is not None:
+            return hit[0]
+        pname, port = parse_tensor_ref(ref)
+        src = self.by_name.get(pname) or self._new_by_name.get(pname)
+        base = pname + "/CastTo" + _SUFFIX.get(dtype_name(to), dtype_name(to)) + (f"_{port}" if port else "")
+        if src is not None and src.op in _CONSTS and port == 0:
+            value = tensor_util.MakeNdarray(src.attr["value"].tensor)
+            new = node_def_pb2.NodeDef(name=_unique(base, self.taken), op="Const", device=src.device)
+            new.attr["dtype"].type = to
+            new.attr["value"].tensor.CopyFrom(tensor_util.make_tensor_proto(
+                value.astype(dtypes.to_numpy(dtype_name(to))), dtype=_tf_dtype(dtype_name(to))))
+        else:
+            device = src.device if src is not None else ""
+            new = _cast_node(_unique(base, self.taken), ref, dtype_name(have), dtype_name(to), device)
+        self._add(new, self.anchor.get(pname, pname))
+        self.casts[key] = (new.name, to)
+        return new.name
+
+    def _add(self, node: node_def_pb2.NodeDef, anchor: str) -> None:
+        self.new_nodes.append(node)
+        self._new_by_name[node.name] = node
+        self.anchor[node.name] = anchor
+
+    # -- 2. what readers of each tensor get: emulated float16 outputs are rounded once
+    def round_emulated(self) -> None:
+        for name in self.emulated:
+            i = self.index[name]
+            outs = self.sig[name][4]
+            for port, d in enumerate(self.plan.out_dtypes[i]):
+                if d == "float16" and port < len(outs) and outs[port] != types_pb2.DT_HALF:
+                    ref = _ref(name, port)
+                    new = _cast_node(_unique(f"{name}/Round" + (f"_{port}" if port else ""), self.taken), ref,
+                                     dtype_name(outs[port]), "float16", self.by_name[name].device)
+                    self._add(new, name)
+                    self.delivered[(name, port)] = (new.name, types_pb2.DT_HALF)
+
+    def source(self, pname: str, port: int) -> tuple[str, int]:
+        """The tensor readers of ``pname:port`` read instead, and its dtype."""
+        hit = self.delivered.get((pname, port))
+        if hit is not None:
+            return hit
+        through = self.dropped.get(pname) if port == 0 else None
+        if through is not None:  # a dropped identity Cast: what it read, in its dtype
+            ref, have = self.source(*parse_tensor_ref(through[0]))
+            hit = (self.convert(ref, have, through[1]), through[1])
+            self.delivered[(pname, port)] = hit
+            return hit
+        return _ref(pname, port), self.sig[pname][4][port]
+
+    # -- 3. identity Casts drop out: their readers read what the Cast reads
+    def drop_identity_casts(self, fetched: set[str]) -> dict[str, str]:
+        removed: dict[str, str] = {}
+        for i in sorted(self.plan.identity):
+            name = self.plan.names[i]
+            node = self.by_name.get(name)
+            if node is None or node.op != "Cast" or name in fetched:
+                continue
+            if node.attr["SrcT"].type != node.attr["DstT"].type or not node.input or node.input[0].startswith("^"):
+                continue
+            self.dropped[name] = (node.input[0], node.attr["DstT"].type)
+            removed[name] = parse_tensor_ref(node.input[0])[0]
+        return removed
+
+    # -- 4. every data edge delivers the dtype its reader's kernel takes
+    def wire(self) -> None:
+        plan = self.plan
+        for node in self.nodes:
+            i = self.index[node.name]
+            _, in_enums, refs, _, _ = self.sig[node.name]
+            want = plan.in_dtypes[i]
+            emulated = node.name in self.emulated
+            m = 0
+            for k, ref in enumerate(node.input):
+                if ref.startswith("^"):
+                    continue
+                if m < len(in_enums) and not refs[m]:
+                    pname, port = parse_tensor_ref(ref)
+                    new_ref, have = self.source(pname, port)
+                    expect = in_enums[m]
+                    if emulated and m < len(want) and want[m] == "float16" and _is_float_enum(have):
+                        new_ref = self.convert(new_ref, have, types_pb2.DT_HALF)  # the values the plan gives
+                        have = types_pb2.DT_HALF
+                    node.input[k] = self.convert(new_ref, have, expect)
+                m += 1
+
+    def _rename_refs(self, renames: dict[str, str]) -> None:
+        if not renames:
+            return
+        for n in self.nodes + self.new_nodes:
+            for k, ref in enumerate(n.input):
+                control = ref.startswith("^")
+                pname, port = parse_tensor_ref(ref[1:] if control else ref)
+                new = renames.get(pname)
+                if new is not None:
+                    n.input[k] = "^" + new if control else _ref(new, port)
+
+    # -- 5. fetched tensors keep their names and dtypes: the converted node moves aside, a Cast takes its name
+    def keep_fetches(self, fetches: list[tuple[str, int]]) -> None:
+        plan = self.plan
+        renames: dict[str, str] = {}
+        pending = []
+        for pname, port in fetches:
+            i = self.index[pname]
+            origin = self.original[pname]
+            orig_enum = _signature(origin)[4][port]
+            ref, have = self.source(pname, port)
+            if have == orig_enum or not (_is_float_enum(have) and _is_float_enum(orig_enum)):
+                continue
+            if len(self.sig[pname][4]) != 1 or pname in renames:
+                log.info("fetched tensor %s:%d stays %s: %s has several outputs", pname, port, dtype_name(have), pname)
+                continue
+            moved = _unique(f"{pname}/{plan.dtype[i]}", self.taken)
+            renames[pname] = moved
+            pending.append((pname, ref, have, orig_enum))
+        if not renames:
+            return
+        for node in self.nodes:
+            if node.name in renames:
+                del self.by_name[node.name]
+                node.name = renames[node.name]
+                self.by_name[node.name] = node
+        self._rename_refs(renames)
+        for pname, ref, have, orig_enum in pending:
+            rp, rport = parse_tensor_ref(ref)
+            ref = _ref(renames.get(rp, rp), rport)
+            self._add(_cast_node(pname, ref, dtype_name(have), dtype_name(orig_enum),
+                                 self.by_name[renames[pname]].device), renames[pname])
+
+    def emit(self, removed: dict[str, str], keep: set[str]) -> graph_pb2.GraphDef:
+        out = graph_pb2.GraphDef()
+        # control dependencies on a dropped Cast move to what it read
+        if removed:
+            final = {}
+            for name, target in removed.items():
+                while target in removed:
+                    target = removed[target]
+                final[name] = target
+            for n in self.nodes + self.new_nodes:
+                for k, ref in enumerate(n.input):
+                    if ref.startswith("^") and ref[1:] in final:
+                        n.input[k] = "^" + final[ref[1:]]
+        read = set()
+        for n in self.nodes + self.new_nodes:
+            if n.name in removed:
+                continue
+            for ref in n.input:
+                read.add(parse_tensor_ref(ref.lstrip("^"))[0])
+        after: dict[str, list[node_def_pb2.NodeDef]] = {}
+        for n in self.new_nodes:
+            after.setdefault(self.anchor.get(n.name, ""), []).append(n)
+        for node in self.nodes:
+            if node.name in removed:
+                continue
+            if not (node.op in _CONSTS and node.name not in read and node.name not in keep):
+                out.node.append(node)  # (a constant now read only through its converted copy goes)
+            self._emit_after(out, node.name, after)
+        for rest in list(after):
+            self._emit_after(out, rest, after)
+        return out
+
+    def _emit_after(self, out: graph_pb2.GraphDef, name: str, after: dict) -> None:
+        for extra in after.pop(name, ()):
+            out.node.append(extra)
+            self._emit_after(out, extra.name, after)
+
+
+def _is_float_enum(enum: int) -> bool:
+    return enum in _FLOAT_ENUMS
+
+
 def apply_plan(info: GraphInfo, plan: CastPlan, *, native_fp16: bool | None = None) -> graph_pb2.GraphDef:
     """A new GraphDef in which every node runs in the dtype ``plan`` gives it.
 
-    Type attributes are changed; one Cast per (tensor, dtype), shared by its consumers;
-    Consts are converted ahead of time (a new Const, the original kept for other readers);
-    variables stay float32 with a Cast after the read; FusedBatchNorm/V2 become V3 with
-    ``U=float``; fetched tensors keep their name and dtype (the converted node is renamed and
-    a Cast takes its name); existing Casts that became identities are removed; float16 is
-    emulated (float16 tensors, float32 kernels) unless ``native_fp16``.
+    Type attributes (single and list-typed) are set from the plan's per-tensor dtypes; then
+    every data edge is made to deliver the dtype its reader's kernel takes: one Cast per
+    (tensor, dtype), shared by its readers; Consts converted ahead of time (a new Const; the
+    original goes when nothing else reads it); variables stay float32 with a Cast after the
+    read; FusedBatchNorm/V2 become V3 with ``U=float``; fetched tensors keep their name and
+    dtype (the converted node is renamed, a Cast takes its name); existing Casts that became
+    identities are removed; float16 is emulated (float16 tensors, float32 kernels) unless
+    ``native_fp16``. Nothing here reads the plan's reasons: only its dtypes. Runs in time
+    linear in the graph's size.
     """
     if native_fp16 is None:
         native_fp16 = plan.config.get("float16") == "native"
-    src = info.graph_def
-    out = graph_pb2.GraphDef()
-    out.versions.CopyFrom(src.versions)
-    out.library.CopyFrom(src.library)
-    index = {n: i for i, n in enumerate(plan.names)}
-    nodes = {n.name: copy.deepcopy(n) for n in src.node}
-    order = [nodes[n.name] for n in src.node]  # node objects: renames below keep their place
-    taken = set(nodes)
-    conflicts: list[str] = []
-    set_attrs: dict[tuple[str, str], str] = {}
-    consts = {n.name: n for n in src.node if n.op in ("Const", "HostConst")}
-    emulated: set[str] = set()
-
-    # 1. type attributes
-    for name, node in nodes.items():
-        i = index[name]
-        nt = info.types[name]
-        if plan.reasons[i].startswith(("source", "reads ", "no float")):
-            continue
-        compute = plan.dtype[i]
-        emulate = compute == "float16" and not native_fp16 and node.op != "Cast"
-        if emulate:
-            emulated.add(name)
-        want_in, outs = plan.in_dtypes[i], plan.out_dtypes[i]
-        if node.op == "Cast":
-            if want_in and dtypes.is_float(want_in[0]):
-                node.attr["SrcT"].type = dtype_enum(want_in[0])
-            if outs and dtypes.is_float(outs[0]):
-                node.attr["DstT"].type = dtype_enum(outs[0])
-            continue
-        if node.op in ("FusedBatchNorm", "FusedBatchNormV2") and compute != plan.origin[i]:
-            node.op = "FusedBatchNormV3"
-            node.attr["U"].type = types_pb2.DT_FLOAT
-            nt = info.types[name] = NodeTypes(["T", "U", "U", "U", "U"], ["T", "U", "U", "U", "U", "U"],
-                                              nt.out_dtypes + ["float32"])
-        for attr_list, dts in ((nt.inputs, want_in), (nt.outputs, outs)):
-            for attr, dt in zip(attr_list, dts):
-                if attr is None or not dtypes.is_float(dt):
-                    continue
-                _set_type(node, attr, "float32" if (emulate and dt == "float16") else dt, set_attrs, conflicts)
-    # 2. casts
-    rewire: dict[tuple[str, int, str], str] = {}  # (src node, port, dtype) -> tensor name to read instead
-    made: dict[tuple[str, int, str], node_def_pb2.NodeDef] = {}  # every plan cast -> the node doing it
-    new_nodes: list[node_def_pb2.NodeDef] = []
-    for c in plan.casts:
-        s, _, port = c.tensor.rpartition(":")
-        port = int(port)
-        suffix = {"bfloat16": "BF16", "float16": "FP16", "float32": "FP32", "float64": "FP64"}.get(c.to, c.to)
-        if c.kind == "const" and s in consts and port == 0:
-            const = consts[s]
-            value = tensor_util.MakeNdarray(const.attr["value"].tensor)
-            new = node_def_pb2.NodeDef(name=_unique(f"{s}/CastTo{suffix}", taken), op="Const")
-            new.attr["dtype"].type = dtype_enum(c.to)
-            new.attr["value"].tensor.CopyFrom(
-                tensor_util.make_tensor_proto(value.astype(dtypes.to_numpy(c.to)), dtype=_tf_dtype(c.to)))
-            new.device = const.device
-        else:
-            new = _cast_node(_unique(f"{s}/CastTo{suffix}" + (f"_{port}" if port else ""), taken), _ref(s, port),
-                             c.from_dtype, c.to)
-        new_nodes.append(new)
-        made[(s, port, c.to)] = new
-        if c.consumers:
-            rewire[(s, port, c.to)] = new.name
-    readers = {(s, int(p), c.to): set(c.consumers) for c in plan.casts for s, _, p in [c.tensor.rpartition(":")]}
-    for name, node in nodes.items():
-        want_in = plan.in_dtypes[index[name]]
-        for k, m, ref in _data_inputs(node):
-            if m < len(want_in):
-                pname, port = parse_tensor_ref(ref)
-                target = rewire.get((pname, port, want_in[m]))
-                if target is not None and name in readers[(pname, port, want_in[m])]:
-                    node.input[k] = target
-    # 3. emulated float16: float32 kernels between float16 tensors
-    for name in emulated:
-        node = nodes[name]
-        want_in = plan.in_dtypes[index[name]]
-        for k, m, ref in _data_inputs(node):
-            if m < len(want_in) and want_in[m] == "float16":
-                up = _cast_node(_unique(f"{name}/Upcast_{m}", taken), ref, "float16", "float32")
-                new_nodes.append(up)
-                node.input[k] = up.name
-        outs = plan.out_dtypes[index[name]]
-        for port, dt in enumerate(outs):
-            if dt == "float16":
-                down = _cast_node(_unique(f"{name}/Round_{port}", taken), _ref(name, port), "float32", "float16")
-                new_nodes.append(down)
-                _redirect_readers(nodes, new_nodes, name, port, down.name, skip=down.name)
-    # 4. fetches keep their names and dtypes: the converted node moves aside, a Cast takes its name
-    for c in plan.casts:
-        if not c.for_fetch:
-            continue
-        s, _, port = c.tensor.rpartition(":")
-        port = int(port)
-        node = nodes[s]
-        if len(info.types[s].out_dtypes) != 1:
-            continue  # multi-output fetch: left converted (its readers were already rewired)
-        moved = _unique(f"{s}/{plan.dtype[index[s]]}", taken)
-        _rename(nodes, new_nodes, s, moved)
-        _rename(nodes, new_nodes, made[(s, port, c.to)].name, s)  # the fetch cast takes the fetched name
-        taken.add(s)
-    # 5. identity Casts: readers take the Cast's input directly
-    for i in plan.identity:
-        name = plan.names[i]
-        node = nodes.get(name)
-        if node is None or node.op != "Cast" or name in {c.tensor.rpartition(":")[0] for c in plan.casts if c.for_fetch}:
-            continue
-        if any(f.rpartition(":")[0] == name or f == name for f in plan.fetches):
-            continue
-        source = node.input[0]
-        _redirect_readers(nodes, new_nodes, name, 0, source, skip=name)
-    if conflicts:
-        raise GraphError("the plan gives one type attribute two dtypes: " + "; ".join(conflicts[:10]))
-    by_name = {n.name: n for n in new_nodes}
-    for node in order:
-        out.node.append(node)
-        # casts right after their source keep the GraphDef readable
-        for extra in [n for n in new_nodes if n.input and parse_tensor_ref(n.input[0])[0] == node.name]:
-            out.node.append(extra)
-            by_name.pop(extra.name, None)
-    for extra in new_nodes:
-        if extra.name in by_name:
-            out.node.append(extra)
-            by_name.pop(extra.name)
+    rw = _Rewriter(info, plan, native_fp16)
+    rw.set_attrs()
+    if rw.conflicts:
+        raise GraphError("the plan gives one type attribute two dtypes: " + "; ".join(rw.conflicts[:10]))
+    rw.round_emulated()
+    fetches = []
+    if plan.keep_output_dtype:
+        for f in plan.fetches:
+            pname, port = parse_tensor_ref(f)
+            if pname in rw.by_name:
+                fetches.append((pname, port))
+    fetched = {p for p, _ in fetches} | {parse_tensor_ref(f)[0] for f in plan.fetches}
+    removed = rw.drop_identity_casts(fetched)
+    rw.wire()
+    rw.keep_fetches(fetches)
+    out = rw.emit(removed, fetched)
+    out.versions.CopyFrom(info.graph_def.versions)
+    out.library.CopyFrom(info.graph_def.library)
     return out
 
 
@@ -313,38 +502,3 @@ def _tf_dtype(name: str) -> Any:
     import tensorflow as tf
 
     return tf.as_dtype(name)
-
-
-def _data_inputs(node: node_def_pb2.NodeDef):
-    """(position in node.input, data-input index, ref) for each data (non-control) input."""
-    m = 0
-    for k, ref in enumerate(node.input):
-        if ref.startswith("^"):
-            continue
-        yield k, m, ref
-        m += 1
-
-
-def _redirect_readers(nodes: dict, extra: list, name: str, port: int, new_ref: str, *, skip: str) -> None:
-    old_refs = {_ref(name, port), f"{name}:{port}"}
-    for n in list(nodes.values()) + extra:
-        if n.name == skip:
-            continue
-        for k, ref in enumerate(n.input):
-            if ref in old_refs:
-                n.input[k] = new_ref
-
-
-def _rename(nodes: dict, extra: list, old: str, new: str) -> None:
-    if old in nodes:
-        node = nodes.pop(old)
-        node.name = new
-        nodes[new] = node
-    for n in list(nodes.values()) + extra:
-        if n.name == old:
-            n.name = new
-        for k, ref in enumerate(n.input):
-            if ref == old or ref.startswith(old + ":"):
-                n.input[k] = new + ref[len(old):]
-            elif ref == "^" + old:
-                n.input[k] = "^" + new
