@@ -60,6 +60,24 @@ SOURCE_KINDS: dict[str, str] = {
 #: that source (``W/read`` after a ``VariableV2`` is a variable read).
 PASSTHROUGH_OPS: frozenset[str] = frozenset({"Identity", "Snapshot", "StopGradient", "PreventGradient"})
 
+#: TensorFlow v1 control flow (``tf.while_loop``/``tf.cond`` lowered to frame ops). They carry a
+#: loop's or a branch's values; every value that enters a loop must leave ``NextIteration`` in
+#: the same dtype, so they keep their origin dtype and casts go around them, while the ops of
+#: the loop body are planned like any other.
+CONTROL_FLOW_OPS: frozenset[str] = frozenset({
+    "Enter", "RefEnter", "Exit", "RefExit", "Switch", "RefSwitch", "Merge", "RefMerge",
+    "NextIteration", "RefNextIteration", "LoopCond", "ControlTrigger",
+})
+
+#: TensorFlow ops whose float dtype is tied, through a list/array handle, to other ops that
+#: create or read the same list (``element_dtype`` of ``TensorListReserve`` ... ``TensorListStack``):
+#: changing one alone breaks the list, so they keep their origin dtype and casts go around them.
+HANDLE_TYPED_PREFIXES: tuple[str, ...] = ("TensorList", "TensorArray", "Stack", "Queue", "Dataset", "Iterator")
+
+#: Producers of a loop's back edge (``NextIteration`` -> ``Merge``): the edge is not a data
+#: dependency for ordering the graph, so a loop is not a cycle for the planner.
+BACK_EDGE_OPS: frozenset[str] = frozenset({"NextIteration", "RefNextIteration"})
+
 
 @dataclass(frozen=True)
 class Node:
@@ -259,7 +277,7 @@ class OpGraph:
                 j = index.get(pname)
                 if j is None:
                     raise GraphError(f"input {ref!r} names a node that is not in the graph", file=self.source, node=names[i])
-                if j >= i:
+                if j >= i and self._ops[j] not in BACK_EDGE_OPS:
                     in_order = False
                 if control:
                     continue
@@ -288,7 +306,7 @@ class OpGraph:
         return self._resolved
 
     def _toposort(self) -> list[int]:
-        """Kahn's algorithm over data and control edges, stable in node order."""
+        """Kahn's algorithm over data and control edges (loop back edges excluded), stable in node order."""
         import heapq
 
         n = len(self._names)
@@ -298,6 +316,8 @@ class OpGraph:
             for ref in refs:
                 pname = ref[1:] if ref[0] == "^" else parse_tensor_ref(ref)[0]
                 j = self._index[pname]
+                if self._ops[j] in BACK_EDGE_OPS:
+                    continue
                 consumers[j].append(i)
                 indeg[i] += 1
         ready = [i for i in range(n) if indeg[i] == 0]
@@ -314,7 +334,7 @@ class OpGraph:
             stuck = [self._names[i] for i in range(n) if indeg[i] > 0]
             raise GraphError(
                 f"graph has a cycle through {len(stuck)} node(s), e.g. {', '.join(repr(s) for s in stuck[:5])}; "
-                "precision planning needs an acyclic graph (TF1 while-loops: plan the loop body as its own graph)",
+                "precision planning needs an acyclic graph (loops are fine only through NextIteration back edges)",
                 file=self.source,
             )
         return order
@@ -435,4 +455,5 @@ def load_graph(path: str | Path) -> OpGraph:
     return OpGraph.from_json(p)
 
 
-__all__ = ["GRAPH_FORMAT", "GRAPH_VERSION", "Node", "OpGraph", "PASSTHROUGH_OPS", "SOURCE_KINDS", "load_graph", "parse_tensor_ref"]
+__all__ = ["BACK_EDGE_OPS", "CONTROL_FLOW_OPS", "HANDLE_TYPED_PREFIXES", "GRAPH_FORMAT", "GRAPH_VERSION", "Node", "OpGraph", "PASSTHROUGH_OPS",
+           "SOURCE_KINDS", "load_graph", "parse_tensor_ref"]

@@ -43,3 +43,61 @@ def converted_by_tf(graph_def: tf.compat.v1.GraphDef, original: set[str]) -> set
 def count_casts(graph_def: tf.compat.v1.GraphDef, original: set[str]) -> int:
     """Cast nodes a pass added (Const conversions excluded, as TF's own log line does)."""
     return sum(1 for n in graph_def.node if n.op == "Cast" and n.name not in original)
+
+
+_TYPE_ATTRS = ("T", "dtype", "U", "Tparams", "SrcT", "DstT")
+
+
+def low_nodes(graph_def: tf.compat.v1.GraphDef, low: int = BF16) -> int:
+    """Computing nodes (not Const, not Cast) that run with a ``low`` type attribute."""
+    count = 0
+    for n in graph_def.node:
+        if n.op in ("Const", "Cast"):
+            continue
+        if any(k in n.attr and n.attr[k].type == low for k in ("T", "dtype", "U")) or any(
+                low in n.attr[k].list.type for k in n.attr if n.attr[k].HasField("list")):
+            count += 1
+    return count
+
+
+def runtime_casts(graph_def: tf.compat.v1.GraphDef) -> int:
+    """Cast nodes that run every step: those not fed, through any chain, by constants alone."""
+    by_name = {n.name: n for n in graph_def.node}
+    memo: dict[str, bool] = {}
+
+    def const_only(name: str) -> bool:
+        stack = [name]
+        while stack:
+            cur = stack[-1]
+            if cur in memo:
+                stack.pop()
+                continue
+            node = by_name.get(cur)
+            if node is None or node.op in ("Placeholder", "PlaceholderWithDefault", "VariableV2", "VarHandleOp",
+                                           "NextIteration", "Merge", "Enter"):
+                memo[cur] = node is not None and False
+                stack.pop()
+                continue
+            if node.op == "Const":
+                memo[cur] = True
+                stack.pop()
+                continue
+            ins = [r.lstrip("^").split(":")[0] for r in node.input if not r.startswith("^")]
+            todo = [i for i in ins if i not in memo]
+            if todo:
+                stack.extend(todo)
+                continue
+            memo[cur] = bool(ins) and all(memo[i] for i in ins)
+            stack.pop()
+        return memo[name]
+
+    return sum(1 for n in graph_def.node if n.op == "Cast" and not const_only(n.name))
+
+
+def run_graph(graph_def: tf.compat.v1.GraphDef, feeds: dict, fetches: list[str]) -> list:
+    """Import ``graph_def`` into a fresh graph and run ``fetches`` (tensor names) on ``feeds``."""
+    g = tf.Graph()
+    with g.as_default():
+        tf.graph_util.import_graph_def(graph_def, name="")
+    with tf.compat.v1.Session(graph=g) as sess:
+        return sess.run(fetches, feeds)

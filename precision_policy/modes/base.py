@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING, Sequence
 
 from precision_policy import dtypes
 from precision_policy.errors import PrecisionError
-from precision_policy.graph import PASSTHROUGH_OPS, SOURCE_KINDS, OpGraph
+from precision_policy.graph import (
+    BACK_EDGE_OPS,
+    CONTROL_FLOW_OPS,
+    HANDLE_TYPED_PREFIXES,
+    PASSTHROUGH_OPS,
+    SOURCE_KINDS,
+    OpGraph,
+)
 from precision_policy.opinfo.library import GRAY, Library, OpInfo
 from precision_policy.opinfo.overrides import Overrides
 
@@ -119,7 +126,12 @@ class PrecisionMode:
         was_enabled = gc.isenabled()
         gc.disable()  # the planner allocates millions of small tuples; generational GC would rescan them all
         try:
-            return self._plan(graph, library, overrides, keep_output_dtype, config_summary, gray_disagreement)
+            loops = _Loops.of(graph)
+            while True:
+                plan = self._plan(graph, library, overrides, keep_output_dtype, config_summary, gray_disagreement,
+                                  loops)
+                if loops is None or not loops.update(plan.out_dtypes, plan.dtype):
+                    return plan
         finally:
             if was_enabled:
                 gc.enable()
@@ -132,6 +144,7 @@ class PrecisionMode:
         keep_output_dtype: bool,
         config_summary: dict | None,
         gray_disagreement: str = "widest",
+        loops: "_Loops | None" = None,
     ) -> "CastPlan":
         from precision_policy.plan import Cast, CastPlan
 
@@ -190,7 +203,27 @@ class PrecisionMode:
                 reason[i] = "no float tensors"
                 continue
             origin[i] = org
-            if op in PASSTHROUGH_OPS and len(ins) == 1 and src[ins[0][0]] is not None:
+            tied = op.startswith(HANDLE_TYPED_PREFIXES)
+            if tied or (op in CONTROL_FLOW_OPS and not (op in ENTER_OPS and src[ins[0][0]] is not None)):
+                if tied:
+                    d, why = org, "tied to a list/array handle: keeps its origin dtype, casts go around it"
+                else:
+                    d, why = _control_flow_dtype(i, op, org, ins, actual_in, ops, names, src, dtype, loops,
+                                                 decider.prefer_low)
+                dtype[i] = d
+                in_dt[i] = tuple([d if is_float(a) else a for a in actual_in])
+                out_dt[i] = tuple([d if is_float(x) else x for x in o])
+                reason[i] = why
+                for m, (j, p) in enumerate(ins):
+                    a, w = actual_in[m], in_dt[i][m]
+                    if a != w and is_float(a) and ops[j] not in BACK_EDGE_OPS:
+                        c = casts.get((j, p, w))
+                        if c is None:
+                            c = casts[(j, p, w)] = Cast(j, p, a, w, src[j] or "op", [], False)
+                        if i not in c.consumers:
+                            c.consumers.append(i)
+                continue
+            if (op in PASSTHROUGH_OPS or op in ENTER_OPS) and len(ins) == 1 and src[ins[0][0]] is not None:
                 j = ins[0][0]
                 src[i] = src[j]
                 dtype[i] = actual_in[0] if is_float(actual_in[0]) else org
@@ -270,6 +303,80 @@ class PrecisionMode:
             keep_output_dtype=keep_output_dtype,
             config=config_summary or {},
         )
+
+
+ENTER_OPS = frozenset({"Enter", "RefEnter"})
+MERGE_OPS = frozenset({"Merge", "RefMerge"})
+
+
+class _Loops:
+    """TF v1 while-loops in a graph: each ``NextIteration`` and the ``Merge`` it feeds back into.
+
+    A loop variable must have one dtype all round the loop (``Enter`` -> ``Merge`` -> ``Switch``
+    -> body -> ``NextIteration`` -> ``Merge``). The first plan lets each ``Merge`` follow the
+    value entering the loop; when the body then hands ``NextIteration`` a different dtype, the
+    ``Merge`` takes the body's dtype and the graph is planned again, so the cast happens once
+    where the value enters (or leaves) the loop rather than on every iteration.
+    """
+
+    def __init__(self, merge_of: dict[int, int], back_inputs: dict[int, tuple[int, int]]) -> None:
+        self.merge_of = merge_of  # NextIteration -> Merge
+        self.back_inputs = back_inputs  # NextIteration -> its data input
+        self.hints: dict[int, str] = {}  # Merge -> dtype of the loop variable
+
+    @classmethod
+    def of(cls, graph: OpGraph) -> "_Loops | None":
+        ops = graph.op_types
+        if not any(op in BACK_EDGE_OPS for op in ops):
+            return None
+        res = graph.resolve()
+        merge_of: dict[int, int] = {}
+        back_inputs: dict[int, tuple[int, int]] = {}
+        for i, ins in enumerate(res.data_inputs):
+            if ops[i] in BACK_EDGE_OPS and ins:
+                back_inputs[i] = ins[0]
+            if ops[i] in MERGE_OPS:
+                for j, _ in ins:
+                    if ops[j] in BACK_EDGE_OPS:
+                        merge_of[j] = i
+        return cls(merge_of, back_inputs)
+
+    def update(self, out_dtypes: list, dtype: list) -> bool:
+        """Take the body's dtype for every loop variable that came back in another one; True if any changed."""
+        changed = False
+        for nxt, merge in self.merge_of.items():
+            j, p = self.back_inputs.get(nxt, (None, 0))
+            if j is None or dtype[merge] is None:
+                continue
+            body = out_dtypes[j][p]
+            if dtypes.is_float(body) and body != dtype[merge] and self.hints.get(merge) != body and merge not in self.hints:
+                self.hints[merge] = body
+                changed = True
+        return changed
+
+
+def _control_flow_dtype(i, op, org, ins, actual_in, ops, names, src, dtype, loops, prefer_low) -> tuple[str, str]:
+    """Dtype and reason of a control-flow frame op: it carries values, so it follows them."""
+    is_float = dtypes.is_float
+    if op in BACK_EDGE_OPS and loops is not None and i in loops.merge_of:
+        merge = loops.merge_of[i]
+        d = dtype[merge] or org
+        return d, f"control flow: carries the loop variable back in {names[merge]}'s dtype ({d})"
+    if op in MERGE_OPS and loops is not None and i in loops.hints:
+        d = loops.hints[i]
+        return d, f"control flow: loop variable in {d}, the dtype its loop body produces"
+    forward = [(m, j) for m, (j, _) in enumerate(ins) if ops[j] not in BACK_EDGE_OPS and is_float(actual_in[m])]
+    voting = [(m, j) for m, j in forward if src[j] is None or src[j] == "input"] or forward
+    if not voting:
+        return org, "control flow: no float input; keeps its origin dtype"
+    m0, j0 = voting[0]
+    d = actual_in[m0]
+    for m, j in voting[1:]:
+        a = actual_in[m]
+        if a != d and ((prefer_low and dtypes.rank(a) < dtypes.rank(d)) or
+                       (not prefer_low and dtypes.rank(a) > dtypes.rank(d))):
+            d, j0 = a, j
+    return d, f"control flow: follows {names[j0]}"
 
 
 class _Marker:

@@ -299,7 +299,9 @@ class _Rewriter:
         base = pname + "/CastTo" + _SUFFIX.get(dtype_name(to), dtype_name(to)) + (f"_{port}" if port else "")
         if src is not None and src.op in _CONSTS and port == 0:
             value = tensor_util.MakeNdarray(src.attr["value"].tensor)
-            new = node_def_pb2.NodeDef(name=_unique(base, self.taken), op="Const", device=src.device)
+            # control inputs place a constant in a loop's frame: the converted copy keeps them
+            new = node_def_pb2.NodeDef(name=_unique(base, self.taken), op="Const", device=src.device,
+                                       input=[r for r in src.input if r.startswith("^")])
             new.attr["dtype"].type = to
             new.attr["value"].tensor.CopyFrom(tensor_util.make_tensor_proto(
                 value.astype(dtypes.to_numpy(dtype_name(to))), dtype=_tf_dtype(dtype_name(to))))
