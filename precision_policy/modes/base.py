@@ -51,6 +51,19 @@ DATA_MOVEMENT_OPS: frozenset[str] = frozenset({
 })
 
 
+#: Ops whose result is one of their inputs' values (or a comparison of them): running them low
+#: rounds nothing that the cast after them would not round anyway. Only these (and the data
+#: movement above) take a low dtype from their readers in the look-ahead pass; arithmetic
+#: upstream of a white op (an input's normalisation) stays in its origin dtype, as TensorFlow
+#: paints only its "clear" ops, not its "infer" ops, backwards from an allow op.
+VALUE_PRESERVING_OPS: frozenset[str] = frozenset({
+    "Relu", "Relu6", "MaxPool", "MaxPoolV2", "MaxPool3D", "MaxPoolV3", "Maximum", "Minimum", "ReduceMax",
+    "ReduceMin", "Neg", "Abs", "Sign", "Floor", "Ceil", "Round", "ClipByValue", "Select", "SelectV2",
+    "SpaceToBatchND", "BatchToSpaceND", "SpaceToDepth", "DepthToSpace", "ResizeNearestNeighborV2",
+    "ReverseSequence", "TopKV2", "OnesLike", "ZerosLike", "Fill", "EnsureShape", "CheckNumerics",
+})
+
+
 class NoKernel(Exception):
     """Raised by :meth:`PrecisionMode.decide` when the mode cannot be honoured for an op."""
 
@@ -126,11 +139,11 @@ class PrecisionMode:
         was_enabled = gc.isenabled()
         gc.disable()  # the planner allocates millions of small tuples; generational GC would rescan them all
         try:
-            loops = _Loops.of(graph)
+            loops = _Loops.of(graph, self.low, gray_disagreement == "low")
             while True:
                 plan = self._plan(graph, library, overrides, keep_output_dtype, config_summary, gray_disagreement,
                                   loops)
-                if loops is None or not loops.update(plan.out_dtypes, plan.dtype):
+                if loops is None or not loops.update(plan.out_dtypes, plan.dtype, plan.in_dtypes):
                     return plan
         finally:
             if was_enabled:
@@ -198,14 +211,22 @@ class PrecisionMode:
                         org = d
                         break
             actual_in = tuple([out_dt[j][p] for j, p in ins])
+            tied = op.startswith(HANDLE_TYPED_PREFIXES)
+            group_dtype = loops.tied_dtype(i) if tied and loops is not None else None
             if org is None:
                 in_dt[i] = actual_in
-                reason[i] = "no float tensors"
+                if group_dtype is not None:  # creates the list (TensorListReserve): its element dtype
+                    origin[i], dtype[i] = group_dtype
+                    reason[i] = f"list/array elements in {group_dtype[1]}, as the ops sharing its handle"
+                else:
+                    reason[i] = "no float tensors"
                 continue
             origin[i] = org
-            tied = op.startswith(HANDLE_TYPED_PREFIXES)
             if tied or (op in CONTROL_FLOW_OPS and not (op in ENTER_OPS and src[ins[0][0]] is not None)):
-                if tied:
+                if group_dtype is not None:
+                    d = group_dtype[1]
+                    why = f"list/array elements in {d}, as its readers and writers need (ops sharing its handle)"
+                elif tied:
                     d, why = org, "tied to a list/array handle: keeps its origin dtype, casts go around it"
                 else:
                     d, why = _control_flow_dtype(i, op, org, ins, actual_in, ops, names, src, dtype, loops,
@@ -319,39 +340,99 @@ class _Loops:
     where the value enters (or leaves) the loop rather than on every iteration.
     """
 
-    def __init__(self, merge_of: dict[int, int], back_inputs: dict[int, tuple[int, int]]) -> None:
-        self.merge_of = merge_of  # NextIteration -> Merge
-        self.back_inputs = back_inputs  # NextIteration -> its data input
-        self.hints: dict[int, str] = {}  # Merge -> dtype of the loop variable
-
-    @classmethod
-    def of(cls, graph: OpGraph) -> "_Loops | None":
+    def __init__(self, graph: OpGraph, low: str, prefer_low: bool) -> None:
         ops = graph.op_types
-        if not any(op in BACK_EDGE_OPS for op in ops):
-            return None
         res = graph.resolve()
-        merge_of: dict[int, int] = {}
-        back_inputs: dict[int, tuple[int, int]] = {}
+        self.low = low
+        self.prefer_low = prefer_low
+        self.data_inputs = res.data_inputs
+        self.merge_of: dict[int, int] = {}  # NextIteration -> Merge
+        self.back_inputs: dict[int, tuple[int, int]] = {}  # NextIteration -> its data input
+        self.hints: dict[int, str] = {}  # Merge -> dtype of the loop variable
+        # ops sharing a list/array handle (through variant edges, frame ops and identities) form a group
+        parent = list(range(len(ops)))
+
+        def find(a: int) -> int:
+            while parent[a] != a:
+                parent[a] = parent[parent[a]]
+                a = parent[a]
+            return a
+
+        carriers = CONTROL_FLOW_OPS | PASSTHROUGH_OPS
+        outs = graph.output_dtypes
         for i, ins in enumerate(res.data_inputs):
             if ops[i] in BACK_EDGE_OPS and ins:
-                back_inputs[i] = ins[0]
+                self.back_inputs[i] = ins[0]
             if ops[i] in MERGE_OPS:
                 for j, _ in ins:
                     if ops[j] in BACK_EDGE_OPS:
-                        merge_of[j] = i
-        return cls(merge_of, back_inputs)
+                        self.merge_of[j] = i
+            if ops[i].startswith(HANDLE_TYPED_PREFIXES) or ops[i] in carriers:
+                for j, p in ins:
+                    if outs[j][p] in ("variant", "resource") and (
+                            ops[j].startswith(HANDLE_TYPED_PREFIXES) or ops[j] in carriers):
+                        parent[find(i)] = find(j)
+        self.groups: dict[int, list[int]] = {}
+        for i, op in enumerate(ops):
+            if op.startswith(HANDLE_TYPED_PREFIXES):
+                self.groups.setdefault(find(i), []).append(i)
+        self.group_of = {i: root for root, members in self.groups.items() for i in members}
+        self.group_hints: dict[int, tuple[str, str]] = {}  # group -> (origin, dtype)
 
-    def update(self, out_dtypes: list, dtype: list) -> bool:
-        """Take the body's dtype for every loop variable that came back in another one; True if any changed."""
+    @classmethod
+    def of(cls, graph: OpGraph, low: str = F16, prefer_low: bool = False) -> "_Loops | None":
+        ops = graph.op_types
+        if not any(op in BACK_EDGE_OPS or op.startswith(HANDLE_TYPED_PREFIXES) for op in ops):
+            return None
+        return cls(graph, low, prefer_low)
+
+    def tied_dtype(self, i: int) -> tuple[str, str] | None:
+        root = self.group_of.get(i)
+        return None if root is None else self.group_hints.get(root)
+
+    def update(self, out_dtypes: list, dtype: list, in_dtypes: list) -> bool:
+        """Feed one plan's outcome back; True when the graph must be planned again.
+
+        A loop variable that came back from the body in another dtype takes the body's dtype.
+        A list/array group whose float readers and writers run ``low`` (any of them under TF's
+        gray rule, all of them otherwise) keeps its elements in ``low``.
+        """
         changed = False
         for nxt, merge in self.merge_of.items():
             j, p = self.back_inputs.get(nxt, (None, 0))
-            if j is None or dtype[merge] is None:
+            if j is None or dtype[merge] is None or merge in self.hints:
                 continue
             body = out_dtypes[j][p]
-            if dtypes.is_float(body) and body != dtype[merge] and self.hints.get(merge) != body and merge not in self.hints:
+            if dtypes.is_float(body) and body != dtype[merge]:
                 self.hints[merge] = body
                 changed = True
+        if self.groups:
+            readers: dict[int, list[tuple[int, int]]] = {}
+            for k, ins in enumerate(self.data_inputs):
+                for m, (j, p) in enumerate(ins):
+                    if j in self.group_of:
+                        readers.setdefault(j, []).append((k, m))
+            for root, members in self.groups.items():
+                if root in self.group_hints:
+                    continue
+                seen: list[str] = []
+                origin = None
+                for i in members:
+                    for m, (j, p) in enumerate(self.data_inputs[i]):
+                        if dtypes.is_float(in_dtypes[i][m]):
+                            origin = origin or in_dtypes[i][m]
+                            seen.append(out_dtypes[j][p])  # what the writer produces
+                    for k, m in readers.get(i, ()):
+                        if dtypes.is_float(in_dtypes[k][m]):
+                            origin = origin or out_dtypes[i][self.data_inputs[k][m][1]]
+                            seen.append(in_dtypes[k][m])  # what the reader takes
+                floats = [d for d in seen if dtypes.is_float(d)]
+                if not floats or origin == self.low:
+                    continue
+                low = floats.count(self.low)
+                if low and (self.prefer_low or low == len(floats)):
+                    self.group_hints[root] = (origin, self.low)
+                    changed = True
         return changed
 
 
@@ -648,7 +729,8 @@ def _gray_takes_consumer_dtype(low, library, res, ops, src, dtype, in_dt, out_dt
     cand = {
         i for i, d in enumerate(dtype)
         if d is not None and d != low and ops[i] != "Cast"
-        and (reason[i].startswith(following)
+        and ((reason[i].startswith(following)
+              and (ops[i] in DATA_MOVEMENT_OPS or ops[i] in VALUE_PRESERVING_OPS or reason[i].startswith("reads ")))
              or (reason[i].startswith("gray, fed only") and ops[i] in DATA_MOVEMENT_OPS))
     }
     if not cand:

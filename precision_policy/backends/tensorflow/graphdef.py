@@ -30,7 +30,7 @@ from tensorflow.python.framework import op_def_registry, tensor_util
 
 from precision_policy import dtypes
 from precision_policy.errors import GraphError
-from precision_policy.graph import OpGraph, parse_tensor_ref
+from precision_policy.graph import HANDLE_TYPED_PREFIXES, OpGraph, parse_tensor_ref
 from precision_policy.opinfo.overrides import tensorflow_aliases
 from precision_policy.plan import CastPlan
 
@@ -264,6 +264,11 @@ class _Rewriter:
             want = list(zip(ins, in_enums, plan.in_dtypes[i])) + list(zip(outs, out_enums, plan.out_dtypes[i]))
             changes = [(k, e, d) for k, e, d in want if k is not None and dtypes.is_float(d) and dtype_enum(d) != e
                        and dtypes.is_float(dtype_name(e))]
+            if node.op.startswith(HANDLE_TYPED_PREFIXES) and plan.dtype[i] and dtypes.is_float(plan.dtype[i]):
+                # a list's element dtype, also where no float tensor shows it (TensorListReserve)
+                for attr in ("element_dtype", "dtype"):
+                    if attr in node.attr and _is_float_enum(node.attr[attr].type):
+                        node.attr[attr].type = dtype_enum(plan.dtype[i])
             if not changes:
                 self.sig[node.name] = sig
                 continue
