@@ -244,7 +244,8 @@ class PrecisionMode:
                         if i not in c.consumers:
                             c.consumers.append(i)
                 continue
-            if (op in PASSTHROUGH_OPS or op in ENTER_OPS) and len(ins) == 1 and src[ins[0][0]] is not None:
+            if ((op in PASSTHROUGH_OPS or op in ENTER_OPS) and len(ins) == 1 and src[ins[0][0]] is not None
+                    and names[i] not in ov.keep_names):  # a kept read is decided (and kept) like any op
                 j = ins[0][0]
                 src[i] = src[j]
                 dtype[i] = actual_in[0] if is_float(actual_in[0]) else org

@@ -446,6 +446,8 @@ class _Rewriter:
                 continue
             for ref in n.input:
                 read.add(parse_tensor_ref(ref.lstrip("^"))[0])
+            if "_class" in n.attr:  # colocation with a node ("loc:@W") needs that node in the graph
+                read.update(v.decode()[5:] for v in n.attr["_class"].list.s if v.startswith(b"loc:@"))
         after: dict[str, list[node_def_pb2.NodeDef]] = {}
         for n in self.new_nodes:
             after.setdefault(self.anchor.get(n.name, ""), []).append(n)
