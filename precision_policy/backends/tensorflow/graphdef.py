@@ -20,10 +20,11 @@ Example:
 
 from __future__ import annotations
 
-import copy
+import contextlib
+import gc
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from tensorflow.core.framework import graph_pb2, node_def_pb2, types_pb2
 from tensorflow.python.framework import op_def_registry, tensor_util
@@ -96,6 +97,7 @@ class GraphInfo:
 
     graph_def: graph_pb2.GraphDef
     types: dict[str, NodeTypes] = field(default_factory=dict)
+    signatures: dict[str, tuple] = field(default_factory=dict)  # node -> _signature(node)
 
 
 def _arg_types(arg: Any, node: node_def_pb2.NodeDef, op_def: Any = None) -> tuple[list[Any], list[int]]:
@@ -148,15 +150,37 @@ def node_types(node: node_def_pb2.NodeDef) -> NodeTypes:
     return NodeTypes(ins, outs, out_dt)
 
 
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """Generational GC would rescan every protobuf object of a large graph many times over: off while we build."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def to_opgraph(graph_def: graph_pb2.GraphDef, fetches: Sequence[str] | None = None, name: str = "graph",
                source: str | None = None) -> tuple[OpGraph, GraphInfo]:
-    """The OpGraph of a GraphDef (functions are not descended into: freeze or inline them first)."""
+    """The OpGraph of a GraphDef, and what applying a plan to it needs (its nodes' type signatures).
+
+    Function bodies are not descended into: ``convert`` inlines them first.
+    """
+    with _no_gc():
+        return _to_opgraph(graph_def, fetches, name, source)
+
+
+def _to_opgraph(graph_def: graph_pb2.GraphDef, fetches: Sequence[str] | None, name: str,
+                source: str | None) -> tuple[OpGraph, GraphInfo]:
     aliases = tensorflow_aliases()
     og = OpGraph(name, source=source)
     info = GraphInfo(graph_def)
     for node in graph_def.node:
-        nt = node_types(node)
-        info.types[node.name] = nt
+        sig = _signature(node)
+        info.signatures[node.name] = sig
+        nt = info.types[node.name] = NodeTypes(sig[0], sig[3], [dtype_name(e) for e in sig[4]])
         op = _SOURCES.get(node.op) or aliases.get(node.op, node.op)
         outs = [d if d != "invalid" else "variant" for d in nt.out_dtypes]
         og.add_node(node.name, op, list(node.input), outs, {"tf_op": node.op} if op != node.op else None)
@@ -239,7 +263,12 @@ class _Rewriter:
         self.plan = plan
         self.native = native_fp16
         self.index = {n: i for i, n in enumerate(plan.names)}
-        self.nodes = [copy.deepcopy(n) for n in info.graph_def.node]
+        self.out = graph_pb2.GraphDef()
+        self.out.node.extend(info.graph_def.node)  # one copy; the rewrite edits these nodes in place
+        self.out.versions.CopyFrom(info.graph_def.versions)
+        self.out.library.CopyFrom(info.graph_def.library)
+        self.signatures = info.signatures
+        self.nodes = list(self.out.node)
         self.by_name = {n.name: n for n in self.nodes}
         self.original = {n.name: n for n in info.graph_def.node}
         self.taken = set(self.by_name)
@@ -249,7 +278,6 @@ class _Rewriter:
         self.casts: dict[tuple[str, int], tuple[str, int]] = {}  # (tensor ref, dtype enum) -> (ref, dtype enum)
         self.delivered: dict[tuple[str, int], tuple[str, int]] = {}  # tensor -> (ref readers use, its dtype)
         self.dropped: dict[str, tuple[str, int]] = {}  # identity Cast -> (what it reads, its dtype)
-        self.anchor: dict[str, str] = {}  # new node -> the node it is placed after
         self._new_by_name: dict[str, node_def_pb2.NodeDef] = {}
         self.conflicts: list[str] = []
 
@@ -259,7 +287,7 @@ class _Rewriter:
         f16 = types_pb2.DT_HALF
         for node in self.nodes:
             i = self.index[node.name]
-            sig = _signature(node)
+            sig = self.signatures.get(node.name) or _signature(node)
             ins, in_enums, _, outs, out_enums = sig
             want = list(zip(ins, in_enums, plan.in_dtypes[i])) + list(zip(outs, out_enums, plan.out_dtypes[i]))
             changes = [(k, e, d) for k, e, d in want if k is not None and dtypes.is_float(d) and dtype_enum(d) != e
@@ -277,8 +305,10 @@ class _Rewriter:
             if node.op in ("FusedBatchNorm", "FusedBatchNormV2"):
                 node.op = "FusedBatchNormV3"
                 node.attr["U"].type = types_pb2.DT_FLOAT
+                ins, outs = list(ins), list(outs)
                 ins[1:5] = ["U"] * 4
                 outs[1:5] = ["U"] * 4
+                want = list(zip(ins, in_enums, plan.in_dtypes[i])) + list(zip(outs, out_enums, plan.out_dtypes[i]))
             done: dict = {}
             for k, e, d in want:
                 if k is None or not dtypes.is_float(d) or not dtypes.is_float(dtype_name(e)):
@@ -313,14 +343,13 @@ class _Rewriter:
         else:
             device = src.device if src is not None else ""
             new = _cast_node(_unique(base, self.taken), ref, dtype_name(have), dtype_name(to), device)
-        self._add(new, self.anchor.get(pname, pname))
+        self._add(new)
         self.casts[key] = (new.name, to)
         return new.name
 
-    def _add(self, node: node_def_pb2.NodeDef, anchor: str) -> None:
+    def _add(self, node: node_def_pb2.NodeDef) -> None:
         self.new_nodes.append(node)
         self._new_by_name[node.name] = node
-        self.anchor[node.name] = anchor
 
     # -- 2. what readers of each tensor get: emulated float16 outputs are rounded once
     def round_emulated(self) -> None:
@@ -332,7 +361,7 @@ class _Rewriter:
                     ref = _ref(name, port)
                     new = _cast_node(_unique(f"{name}/Round" + (f"_{port}" if port else ""), self.taken), ref,
                                      dtype_name(outs[port]), "float16", self.by_name[name].device)
-                    self._add(new, name)
+                    self._add(new)
                     self.delivered[(name, port)] = (new.name, types_pb2.DT_HALF)
 
     def source(self, pname: str, port: int) -> tuple[str, int]:
@@ -403,7 +432,7 @@ class _Rewriter:
         for pname, port in fetches:
             i = self.index[pname]
             origin = self.original[pname]
-            orig_enum = _signature(origin)[4][port]
+            orig_enum = (self.signatures.get(pname) or _signature(origin))[4][port]
             ref, have = self.source(pname, port)
             if have == orig_enum or not (_is_float_enum(have) and _is_float_enum(orig_enum)):
                 continue
@@ -425,10 +454,9 @@ class _Rewriter:
             rp, rport = parse_tensor_ref(ref)
             ref = _ref(renames.get(rp, rp), rport)
             self._add(_cast_node(pname, ref, dtype_name(have), dtype_name(orig_enum),
-                                 self.by_name[renames[pname]].device), renames[pname])
+                                 self.by_name[renames[pname]].device))
 
     def emit(self, removed: dict[str, str], keep: set[str]) -> graph_pb2.GraphDef:
-        out = graph_pb2.GraphDef()
         # control dependencies on a dropped Cast move to what it read
         if removed:
             final = {}
@@ -448,23 +476,13 @@ class _Rewriter:
                 read.add(parse_tensor_ref(ref.lstrip("^"))[0])
             if "_class" in n.attr:  # colocation with a node ("loc:@W") needs that node in the graph
                 read.update(v.decode()[5:] for v in n.attr["_class"].list.s if v.startswith(b"loc:@"))
-        after: dict[str, list[node_def_pb2.NodeDef]] = {}
-        for n in self.new_nodes:
-            after.setdefault(self.anchor.get(n.name, ""), []).append(n)
-        for node in self.nodes:
-            if node.name in removed:
-                continue
-            if not (node.op in _CONSTS and node.name not in read and node.name not in keep):
-                out.node.append(node)  # (a constant now read only through its converted copy goes)
-            self._emit_after(out, node.name, after)
-        for rest in list(after):
-            self._emit_after(out, rest, after)
+        out = self.out
+        drop = [k for k, node in enumerate(self.nodes)
+                if node.name in removed or (node.op in _CONSTS and node.name not in read and node.name not in keep)]
+        for k in reversed(drop):  # removed identity Casts; constants now read only through their converted copy
+            del out.node[k]
+        out.node.extend(self.new_nodes)
         return out
-
-    def _emit_after(self, out: graph_pb2.GraphDef, name: str, after: dict) -> None:
-        for extra in after.pop(name, ()):
-            out.node.append(extra)
-            self._emit_after(out, extra.name, after)
 
 
 def _is_float_enum(enum: int) -> bool:
@@ -486,6 +504,11 @@ def apply_plan(info: GraphInfo, plan: CastPlan, *, native_fp16: bool | None = No
     """
     if native_fp16 is None:
         native_fp16 = plan.config.get("float16") == "native"
+    with _no_gc():
+        return _apply_plan(info, plan, native_fp16)
+
+
+def _apply_plan(info: GraphInfo, plan: CastPlan, native_fp16: bool) -> graph_pb2.GraphDef:
     rw = _Rewriter(info, plan, native_fp16)
     rw.set_attrs()
     if rw.conflicts:
@@ -501,10 +524,7 @@ def apply_plan(info: GraphInfo, plan: CastPlan, *, native_fp16: bool | None = No
     removed = rw.drop_identity_casts(fetched)
     rw.wire()
     rw.keep_fetches(fetches)
-    out = rw.emit(removed, fetched)
-    out.versions.CopyFrom(info.graph_def.versions)
-    out.library.CopyFrom(info.graph_def.library)
-    return out
+    return rw.emit(removed, fetched)
 
 
 def _tf_dtype(name: str) -> Any:
