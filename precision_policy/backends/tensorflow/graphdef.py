@@ -56,6 +56,10 @@ _NAME_TO_ENUM["float16"] = types_pb2.DT_HALF
 _NAME_TO_ENUM["float64"] = types_pb2.DT_DOUBLE
 _NAME_TO_ENUM["bfloat16"] = types_pb2.DT_BFLOAT16
 
+#: Ops that run a function from the graph's library (v2 control flow and calls).
+FUNCTION_CALL_OPS = frozenset({"While", "StatelessWhile", "If", "StatelessIf", "Case", "StatelessCase",
+                               "PartitionedCall", "StatefulPartitionedCall"})
+
 #: TF source ops -> the op types OpGraph treats as sources.
 _SOURCES = {
     "Placeholder": "Placeholder",
@@ -186,6 +190,10 @@ def _to_opgraph(graph_def: graph_pb2.GraphDef, fetches: Sequence[str] | None, na
         og.add_node(node.name, op, list(node.input), outs, {"tf_op": node.op} if op != node.op else None)
     og.set_outputs([f if ":" in f else f"{f}:0" for f in (fetches or []) if not f.startswith("^")])
     og.resolve()
+    calls = [n.name for n in graph_def.node if n.op in FUNCTION_CALL_OPS]
+    if calls:
+        log.warning("%d node(s) call functions whose bodies this plan does not see (%s): they keep their origin "
+                    "dtype inside; convert() inlines and lowers them first", len(calls), ", ".join(calls[:5]))
     return og, info
 
 
