@@ -39,13 +39,23 @@ def _state(loss_scale: Any) -> DynamicLossScale | FixedLossScale:
     return state
 
 
+def _all_replicas(flag: Any) -> Any:
+    """``flag`` (a boolean tensor) and-ed over the replicas in sync; as is outside a multi-replica step."""
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return flag
+    low = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(tf.logical_not(flag), tf.float32))
+    return tf.equal(low, 0.0)
+
+
 class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
     """Keras' LossScaleOptimizer running precision_policy's loss-scale state machine.
 
     Works in ``model.fit`` (Keras calls ``scale_loss``) and in custom loops
     (``opt.scale_loss(loss)`` before the tape's gradient, ``opt.apply(grads, vars)`` after).
-    A step with non-finite gradients leaves the weights untouched. ``state_dict()`` /
-    ``load_state_dict()`` use the core's format.
+    A step with non-finite gradients leaves the weights untouched; under a ``tf.distribute``
+    strategy the overflow flag is all-reduced, so an overflow on one replica skips the step on
+    all of them. ``state_dict()`` / ``load_state_dict()`` use the core's format.
     """
 
     def __init__(self, inner_optimizer: keras.optimizers.Optimizer, loss_scale: Any = "keras",
@@ -60,6 +70,17 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         self.skipped_steps = self.add_variable(shape=(), dtype="int", initializer="zeros", aggregation="none",
                                                name="skipped_steps")
         super().build(var_list)
+
+    def check_finite(self, grads: Any) -> Any:
+        """Whether every gradient is finite on every replica.
+
+        Keras checks this replica's gradients only (before they are all-reduced) and, under a
+        strategy using merge calls (``MirroredStrategy``), then takes the first replica's answer:
+        an overflow on another replica went into the all-reduced update. The flag is all-reduced
+        here, so all replicas skip the same steps.
+        """
+        finite = super().check_finite(grads)
+        return _all_replicas(finite)
 
     def _advance(self, found_inf: bool) -> None:
         p = self.policy_state
@@ -120,8 +141,12 @@ class TF1LossScaleOptimizer(tf.compat.v1.train.Optimizer):
 
     ``minimize``/``compute_gradients`` scale the loss and unscale the gradients;
     ``apply_gradients`` applies them only when all are finite and advances the loss-scale state.
-    ``is_distributed=True`` all-reduces the overflow flag across the replicas of the current
-    ``tf.distribute`` strategy, so every replica skips the same steps.
+    Inside a ``tf.distribute`` strategy with several replicas in sync (``strategy.run`` or
+    ``strategy.extended.call_for_each_replica``) the overflow flag is all-reduced and the
+    skip-or-apply decision is taken once, in cross-replica context, so every replica skips the
+    same steps and the loss-scale variables stay identical. ``is_distributed`` (the NPU
+    optimizer's flag) is accepted for compatibility: with several replicas the flag is always
+    all-reduced, since the inner optimizer's all-reduced update would carry any replica's overflow.
     """
 
     def __init__(self, optimizer: tf.compat.v1.train.Optimizer, loss_scale: Any = "ascend",
@@ -150,22 +175,44 @@ class TF1LossScaleOptimizer(tf.compat.v1.train.Optimizer):
     def apply_gradients(self, grads_and_vars: Any, global_step: Any = None, name: str | None = None) -> Any:
         grads_and_vars = list(grads_and_vars)
         finite = [tf.reduce_all(tf.math.is_finite(g)) for g, _ in grads_and_vars if g is not None]
-        found = tf.logical_not(tf.reduce_all(tf.stack(finite))) if finite else tf.constant(False)
-        if self.is_distributed:
-            ctx = tf.distribute.get_replica_context()
-            if ctx is not None:
-                found = ctx.all_reduce(tf.distribute.ReduceOp.MAX, tf.cast(found, tf.float32)) > 0
+        ok = tf.reduce_all(tf.stack(finite)) if finite else tf.constant(True)
+        ctx = tf.distribute.get_replica_context()
+        if ctx is not None and ctx.num_replicas_in_sync > 1:
+            # The inner optimizer all-reduces the gradients: one replica's overflow reaches every
+            # replica's update, so all of them must skip. The decision is taken once, across replicas.
+            if not self.is_distributed:
+                log.debug("%s: %d replicas in sync: the overflow flag is all-reduced", self._name,
+                          ctx.num_replicas_in_sync)
+            found = tf.logical_not(_all_replicas(ok))
+            return ctx.merge_call(self._cross_replica_apply, args=(found, grads_and_vars, global_step, name))
+        found = tf.logical_not(ok)
         apply = tf.cond(found, lambda: tf.no_op(),
                         lambda: tf.group(self._opt.apply_gradients(grads_and_vars, global_step=global_step)))
         with tf.control_dependencies([apply]):
-            if isinstance(self.policy_state, FixedLossScale):
-                update = tf.group(self.skipped_steps.assign_add(tf.cast(found, tf.int64)))
-            else:
-                scale, good, bad = transition(_TFOps, self.policy_state, self.scale, self.good_steps,
-                                              self.bad_steps, found)
-                update = tf.group(self.scale.assign(scale), self.good_steps.assign(good),
-                                  self.bad_steps.assign(bad), self.skipped_steps.assign_add(tf.cast(found, tf.int64)))
+            update = self._update_state(found)
         return tf.group(apply, update, name=name or "apply_loss_scaled_gradients")
+
+    def _cross_replica_apply(self, strategy: Any, found: Any, grads_and_vars: list, global_step: Any,
+                             name: str | None) -> Any:
+        """The skip-or-apply decision in cross-replica context (a branch may not merge-call otherwise)."""
+        found = tf.reduce_any(tf.stack(strategy.experimental_local_results(found)))
+
+        def apply() -> Any:
+            per_replica = strategy.extended.call_for_each_replica(
+                lambda pairs: self._opt.apply_gradients(pairs, global_step=global_step), args=(grads_and_vars,))
+            return tf.group(strategy.experimental_local_results(per_replica))
+
+        applied = tf.cond(found, lambda: tf.no_op(), apply)
+        with tf.control_dependencies([applied]):
+            update = self._update_state(found)
+        return tf.group(applied, update, name=name or "apply_loss_scaled_gradients")
+
+    def _update_state(self, found: Any) -> Any:
+        if isinstance(self.policy_state, FixedLossScale):
+            return tf.group(self.skipped_steps.assign_add(tf.cast(found, tf.int64)))
+        scale, good, bad = transition(_TFOps, self.policy_state, self.scale, self.good_steps, self.bad_steps, found)
+        return tf.group(self.scale.assign(scale), self.good_steps.assign(good), self.bad_steps.assign(bad),
+                        self.skipped_steps.assign_add(tf.cast(found, tf.int64)))
 
     def get_slot(self, *args: Any, **kwargs: Any) -> Any:
         return self._opt.get_slot(*args, **kwargs)
