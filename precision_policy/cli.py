@@ -95,7 +95,46 @@ def _config(args: argparse.Namespace):
         settings["keep_output_dtype"] = False
     if args.native_fp16:
         settings["native_fp16"] = True
+    if getattr(args, "gray_disagreement", None):
+        settings["gray_disagreement"] = args.gray_disagreement
     return RunConfig(**settings)
+
+
+#: Loggers whose warnings describe the model being read (function calls left unconverted, ...).
+_MODEL_LOGGERS = ("precision_policy.backends.tensorflow",)
+
+
+class _Collect(logging.Handler):
+    """Collects the model warnings the TensorFlow backend logs, so the command can print them for people."""
+
+    def __init__(self, verbose: bool) -> None:
+        super().__init__(logging.WARNING)
+        self.verbose = verbose
+        self.messages: list[str] = []
+        self._saved: list[tuple[logging.Logger, int, bool]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> "_Collect":
+        for name in _MODEL_LOGGERS:
+            logger = logging.getLogger(name)
+            self._saved.append((logger, logger.level, logger.propagate))
+            logger.setLevel(logging.WARNING)
+            logger.propagate = self.verbose  # -v: stderr gets them too, as every library warning
+            logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for logger, level, propagate in self._saved:
+            logger.removeHandler(self)
+            logger.setLevel(level)
+            logger.propagate = propagate
+
+    def print_to_stderr(self) -> None:
+        if not self.verbose:
+            for m in self.messages:
+                print(f"precision-policy: warning: {m}", file=sys.stderr)
 
 
 def _plan(args: argparse.Namespace):
@@ -103,7 +142,9 @@ def _plan(args: argparse.Namespace):
     from precision_policy.graph import load_graph
 
     config = _config(args)
-    graph = load_graph(args.graph)
+    with _Collect(args.verbose) as notes:
+        graph = load_graph(args.graph)
+    notes.print_to_stderr()
     return plan(graph, config)
 
 
@@ -192,20 +233,37 @@ def cmd_set_flag(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     try:
-        from precision_policy.backends.tensorflow import convert
+        from precision_policy.backends.tensorflow import convert_model
     except ImportError:
         print("precision-policy: error: convert needs TensorFlow: pip install 'precision-policy[tensorflow]'",
               file=sys.stderr)
         return EXIT_USAGE
     config = _config(args)
-    plan = convert(args.src, args.dst, config, tags=args.tags.split(",") if args.tags else None)
+    with _Collect(args.verbose) as notes:  # the result carries the model's warnings; the backend may log more
+        result = convert_model(args.src, args.dst, config, tags=args.tags.split(",") if args.tags else None)
+    plan = result.plan
+    warnings = list(result.warnings) + [m for m in notes.messages if m not in result.warnings]
     if args.json:
-        _print_json({"src": args.src, "dst": args.dst, "summary": plan.summary(), "plan": plan.to_dict()})
+        doc: dict[str, Any] = {"src": args.src, "dst": args.dst, "summary": plan.summary(), "plan": plan.to_dict(),
+                               "warnings": warnings}
+        if result.per_signature:
+            doc["signatures"] = {name: {"summary": p.summary(), "plan": p.to_dict()} for name, p in result.plans.items()}
+        _print_json(doc)
         return EXIT_OK
-    print(plan.summary())
+    if result.per_signature:
+        width = max(len(n) for n in result.plans)
+        for name, p in result.plans.items():
+            print(f"signature {name:<{width}}  {p.summary()}")
+    else:
+        print(plan.summary())
     print(f"wrote {args.dst}")
-    if plan.unknown:
-        print("unknown op types (kept in their origin dtype): " + ", ".join(sorted(plan.unknown)))
+    unknown = sorted({op for p in result.plans.values() for op in p.unknown})
+    if unknown:
+        print("unknown op types (kept in their origin dtype): " + ", ".join(unknown))
+    if warnings:
+        print("warnings:")
+        for w in warnings:
+            print(f"  {w}")
     return EXIT_OK
 
 
@@ -246,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--customize-dtypes", help="file of exact per-op dtypes")
         p.add_argument("--fetch-low", action="store_true", help="let graph outputs stay in low precision (no cast back)")
         p.add_argument("--native-fp16", action="store_true", help="plan for real float16 kernels (default: emulated on CPU)")
+        p.add_argument("--gray-disagreement", choices=["widest", "low"],
+                       help="a gray op whose inputs arrive in different dtypes follows the widest (default, as torch) "
+                            "or the low one (as TensorFlow's AMP)")
         add_json(p)
 
     def add_plan_args(p: argparse.ArgumentParser) -> None:
@@ -281,8 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_set_flag)
 
     p = sub.add_parser("convert", help="convert a TensorFlow model (.pb, .pbtxt, SavedModel) to a precision mode")
-    p.add_argument("src", help="input: .pb / .pbtxt GraphDef or SavedModel folder")
-    p.add_argument("dst", help="output: .pb / .pbtxt, or a new SavedModel folder")
+    p.add_argument("src", help="input: .pb / .pbtxt GraphDef or SavedModel folder (TF1 or TF2, every signature)")
+    p.add_argument("dst", help="output: .pb / .pbtxt, or a new SavedModel folder (from a SavedModel only)")
     p.add_argument("--tags", help="SavedModel meta graph tags, comma-separated (default: the first meta graph)")
     add_mode_args(p)
     p.set_defaults(func=cmd_convert)

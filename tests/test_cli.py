@@ -581,3 +581,108 @@ def test_pin_unpin_keeps_crlf_line_endings(tmp_path: Path):
     assert edited.count(b"\r\n") == edited.count(b"\n"), "line endings were changed"
     ok(cli("unpin", "BiasAdd", "--op-info", lib))
     assert lib.read_bytes() == original
+
+
+# ---------------------------------------------------------------------- convert (TensorFlow models)
+def _tf_models():
+    """The model builders of test_tf_convert (imported only when TensorFlow is there)."""
+    pytest.importorskip("tensorflow")
+    import test_tf_convert
+
+    return test_tf_convert
+
+
+def _gray_pb(path: Path) -> Path:
+    """x -> MatMul (white, low) + y (a float32 graph input) -> Add (gray: its inputs disagree) -> out."""
+    import numpy as np
+    import tensorflow as tf
+
+    g = tf.Graph()
+    with g.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [4, 8], name="x")
+        y = tf.compat.v1.placeholder(tf.float32, [4, 8], name="y")
+        mm = tf.matmul(x, tf.constant(np.ones((8, 8), "float32")), name="mm")
+        tf.identity(tf.add(mm, y, name="add"), name="out")
+    path.write_bytes(g.as_graph_def().SerializeToString())
+    return path
+
+
+@pytest.mark.slow
+def test_convert_tf2_savedmodel_reports_every_signature_in_text_and_json(tmp_path: Path):
+    models = _tf_models()
+    src = tmp_path / "loop"
+    models.save_loop_module(src)
+    bf16 = ("--mode", "mixed_bfloat16", "--op-info", "tf_amp_bf16")
+    out = ok(cli("convert", src, tmp_path / "a", *bf16)).stdout
+    lines = out.splitlines()
+    assert lines[0].startswith("signature serving_default  Converted ")
+    assert lines[1].startswith("signature pair") and "Converted " in lines[1] and "to bfloat16" in lines[1]
+    assert f"wrote {tmp_path / 'a'}" in out and "warnings:" not in out
+    doc = json.loads(ok(cli("convert", src, tmp_path / "b", *bf16, "--json")).stdout)
+    assert list(doc["signatures"]) == ["serving_default", "pair"]
+    assert doc["summary"] == doc["signatures"]["serving_default"]["summary"] == lines[0].split("  ", 1)[1]
+    assert doc["signatures"]["pair"]["plan"]["nodes"]
+    assert doc["warnings"] == []
+    # `plan` on the SavedModel plans its default signature: the same plan, node for node and in the same
+    # order, although TF's freezing orders nodes differently from one process to the next
+    planned = json.loads(ok(cli("plan", src, *bf16, "--json")).stdout)
+    assert list(planned["nodes"]) == list(doc["plan"]["nodes"])
+    assert planned == doc["plan"]
+    import tensorflow as tf
+
+    for folder in ("a", "b"):
+        assert set(tf.saved_model.load(str(tmp_path / folder)).signatures) == {"serving_default", "pair"}
+
+
+@pytest.mark.slow
+def test_gray_disagreement_option_reaches_plan_explain_and_convert(tmp_path: Path):
+    pytest.importorskip("tensorflow")
+    pb = _gray_pb(tmp_path / "gray.pb")
+    bf16 = ("--mode", "mixed_bfloat16", "--op-info", "tf_amp_bf16")
+    widest = ok(cli("explain", pb, "add", *bf16)).stdout
+    assert "follows the widest (y, float32)" in widest
+    low = ok(cli("explain", pb, "add", *bf16, "--gray-disagreement", "low")).stdout
+    assert "follows the lowest (mm, bfloat16)" in low
+    doc = json.loads(ok(cli("convert", pb, tmp_path / "low.pb", *bf16, "--gray-disagreement", "low", "--json")).stdout)
+    assert doc["plan"]["config"]["gray_disagreement"] == "low"
+    assert doc["plan"]["nodes"]["add"]["dtype"] == "bfloat16"
+    assert (tmp_path / "low.pb").stat().st_size > 0
+    fails(cli("plan", pb, "--gray-disagreement", "lowest"), 2)
+
+
+def test_convert_refuses_to_write_a_graph_that_would_not_load(tmp_path: Path):
+    models = _tf_models()
+    lib = tmp_path / "aic-wrong-ops-info.json"
+    lib.write_text(json.dumps(models.WRONG_LIB))
+    src = tmp_path / "src"
+    src.mkdir()
+    paths = models.inverse_models(src)
+    out = tmp_path / "out"
+    out.mkdir()
+    err = fails(cli("convert", paths["pb"], out / "inv_bf16.pb", "--mode", "mixed_bfloat16", "--op-info", lib), 2)
+    assert "node 'inv'" in err and "does not load in TensorFlow" in err and "nothing was written" in err
+    assert "--keep-dtype" in err
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_convert_and_plan_print_the_function_calls_tensorflow_kept(tmp_path: Path):
+    models = _tf_models()
+    m = models.JitModule()
+    pb = tmp_path / "jit.pb"
+    models.frozen_pb(m.serve.get_concrete_function(), pb)
+    proc = ok(cli("convert", pb, tmp_path / "jit_bf16.pb", "--mode", "mixed_bfloat16", "--op-info", "tf_amp_bf16"))
+    text = proc.stdout.split("warnings:\n", 1)[1]
+    assert "StatefulPartitionedCall (StatefulPartitionedCall)" in text and "_noinline" in text
+    assert "Traceback" not in proc.stderr
+    proc = ok(cli("plan", pb, "--mode", "mixed_bfloat16", "--op-info", "tf_amp_bf16", "--json"))
+    json.loads(proc.stdout)  # stdout stays pure JSON
+    assert "precision-policy: warning:" in proc.stderr and "_noinline" in proc.stderr
+
+
+def test_convert_graphdef_to_a_folder_is_a_usage_error(tmp_path: Path):
+    pytest.importorskip("tensorflow")
+    pb = _gray_pb(tmp_path / "gray.pb")
+    err = fails(cli("convert", pb, tmp_path / "folder"), 2)
+    assert "converts to a .pb or .pbtxt file" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gray.pb"]
