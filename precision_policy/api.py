@@ -4,9 +4,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import difflib
+
 from precision_policy.config import RunConfig
+from precision_policy.errors import OverrideError
 from precision_policy.graph import OpGraph, load_graph
 from precision_policy.plan import CastPlan
+
+
+def check_override_names(graph: OpGraph, overrides: object) -> None:
+    """A keep_dtype or customize_dtypes line naming a node the graph does not have is an error."""
+    names = set(graph.names)
+    wanted = [(name, where) for name, where in getattr(overrides, "keep_names", {}).items()]
+    wanted += [(name, spec.where) for name, spec in getattr(overrides, "custom_names", {}).items()]
+    for name, where in wanted:
+        if name in names:
+            continue
+        file, _, line = where.rpartition(":")
+        close = difflib.get_close_matches(name, graph.names, n=3)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else (
+            "; names are the graph's node names (torch: module paths such as 'layer1.0.conv1')")
+        raise OverrideError(f"{name!r} matches no node of graph {graph.name!r}{hint}",
+                            file=file or where, line=int(line) if line.isdigit() else None)
 
 
 def plan(graph: OpGraph | str | Path, config: RunConfig | None = None, **settings: object) -> CastPlan:
@@ -30,6 +49,7 @@ def plan(graph: OpGraph | str | Path, config: RunConfig | None = None, **setting
         graph = load_graph(graph)
     library = config.library()
     overrides = config.overrides(library)
+    check_override_names(graph, overrides)
     return config.mode.plan(
         graph,
         library,

@@ -108,6 +108,17 @@ def test_keep_dtype_bad_line(tmp_path, small_lib):
         plan(graph(G, ["rs:0"]), "force_fp16", small_lib, keep_dtype=f)
 
 
+def test_keep_dtype_and_customize_dtypes_names_that_match_no_node_are_errors(tmp_path, small_lib):
+    f = tmp_path / "keep.txt"
+    f.write_text("mm\n# a comment\nm_m\n")
+    with pytest.raises(OverrideError, match=r"keep\.txt:3.*'m_m' matches no node.*did you mean 'mm'"):
+        plan(graph(G, ["rs:0"]), "force_fp16", small_lib, keep_dtype=f)
+    c = tmp_path / "custom.txt"
+    c.write_text("nosuch::InputDtype:float32,float32,OutputDtype:float32\n")
+    with pytest.raises(OverrideError, match=r"custom\.txt:1.*'nosuch' matches no node"):
+        plan(graph(G, ["rs:0"]), "force_fp16", small_lib, customize_dtypes=c)
+
+
 # ---------------------------------------------------------------------- customize_dtypes
 def test_customize_dtypes_by_name_and_type(tmp_path, small_lib):
     f = tmp_path / "custom.txt"
