@@ -31,32 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from tensorflow.core.protobuf import config_pb2, meta_graph_pb2  # noqa: E402
-from tensorflow.python.grappler import tf_optimizer  # noqa: E402
 
 import precision_policy as pp  # noqa: E402
 from precision_policy.backends.tensorflow.convert import rewrite_with_plan  # noqa: E402
-from tf_helpers import BF16, low_nodes, runtime_casts  # noqa: E402
+from tf_helpers import BF16, grappler_bf16_pass, low_nodes, runtime_casts  # noqa: E402
 from tf_models import ZOO, build  # noqa: E402
 
 CONFIG = pp.RunConfig(precision_mode="allow_mix_precision_bf16", op_info="tf_amp_bf16", use_env_lists=False,
                       gray_disagreement="low")
-
-
-def grappler_pass(gd: tf.compat.v1.GraphDef, fetches: list[str]):
-    """A callable running only TF's bf16 AMP pass on a prepared meta graph (export excluded from timing)."""
-    g = tf.Graph()
-    with g.as_default():
-        tf.graph_util.import_graph_def(gd, name="")
-        mg = tf.compat.v1.train.export_meta_graph(graph=g)
-    fetch = meta_graph_pb2.CollectionDef()
-    fetch.node_list.value.extend(fetches)
-    mg.collection_def["train_op"].CopyFrom(fetch)
-    cfg = config_pb2.ConfigProto()
-    rw = cfg.graph_options.rewrite_options
-    rw.optimizers.extend(["auto_mixed_precision_onednn_bfloat16"])
-    rw.min_graph_nodes = -1
-    return lambda: tf_optimizer.OptimizeGraph(cfg, mg)
 
 
 def best_time(fn, repeat: int):
@@ -124,7 +106,7 @@ def main() -> None:
     for name in args.models.split(","):
         frozen = build(name)
         gd, fetches = frozen.graph_def, frozen.fetch_nodes
-        t_tf, theirs = best_time(grappler_pass(gd, fetches), args.repeat)
+        t_tf, theirs = best_time(grappler_bf16_pass(gd, fetches), args.repeat)
         t_us, (ours, _plan) = best_time(lambda: rewrite_with_plan(gd, CONFIG, fetches), args.repeat)
         feeds = {frozen.inputs[0]: frozen.example}
         times, outs = interleaved({"fp32": gd, "tf": theirs, "ours": ours}, feeds, frozen.outputs, args.runs)

@@ -13,12 +13,14 @@ from tensorflow.python.grappler import tf_optimizer  # noqa: E402
 BF16 = 14  # types_pb2.DT_BFLOAT16
 
 
-def grappler_bf16(graph_def: tf.compat.v1.GraphDef, fetches: list[str]) -> tf.compat.v1.GraphDef:
-    """TF's auto_mixed_precision_onednn_bfloat16 pass alone, on ``graph_def``."""
+def grappler_bf16_pass(graph_def: tf.compat.v1.GraphDef, fetches: list[str]):
+    """A callable running TF's auto_mixed_precision_onednn_bfloat16 pass alone on ``graph_def``.
+
+    The meta graph is prepared here, so timing the callable times only grappler's pass.
+    """
     g = tf.Graph()
     with g.as_default():
         tf.graph_util.import_graph_def(graph_def, name="")
-    with g.as_default():
         mg = tf.compat.v1.train.export_meta_graph(graph=g)
     fetch = meta_graph_pb2.CollectionDef()
     fetch.node_list.value.extend(fetches)
@@ -27,7 +29,12 @@ def grappler_bf16(graph_def: tf.compat.v1.GraphDef, fetches: list[str]) -> tf.co
     rw = cfg.graph_options.rewrite_options
     rw.optimizers.extend(["auto_mixed_precision_onednn_bfloat16"])
     rw.min_graph_nodes = -1
-    return tf_optimizer.OptimizeGraph(cfg, mg)
+    return lambda: tf_optimizer.OptimizeGraph(cfg, mg)
+
+
+def grappler_bf16(graph_def: tf.compat.v1.GraphDef, fetches: list[str]) -> tf.compat.v1.GraphDef:
+    """TF's auto_mixed_precision_onednn_bfloat16 pass alone, on ``graph_def``."""
+    return grappler_bf16_pass(graph_def, fetches)()
 
 
 def converted_by_tf(graph_def: tf.compat.v1.GraphDef, original: set[str]) -> set[str]:

@@ -140,18 +140,9 @@ def _op_def(node: node_def_pb2.NodeDef) -> Any:
 
 
 def node_types(node: node_def_pb2.NodeDef) -> NodeTypes:
-    op_def = _op_def(node)
-    ins: list[Any] = []
-    for arg in op_def.input_arg:
-        keys, _ = _arg_types(arg, node, op_def)
-        ins += keys
-    outs: list[Any] = []
-    out_dt: list[str] = []
-    for arg in op_def.output_arg:
-        keys, enums = _arg_types(arg, node, op_def)
-        outs += keys
-        out_dt += [dtype_name(e) for e in enums]
-    return NodeTypes(ins, outs, out_dt)
+    """Which type attribute sets each input and output of ``node``, and its output dtypes."""
+    ins, _, _, outs, out_enums = _signature(node)
+    return NodeTypes(ins, outs, [dtype_name(e) for e in out_enums])
 
 
 @contextlib.contextmanager
@@ -211,23 +202,23 @@ _SUFFIX = {"bfloat16": "BF16", "float16": "FP16", "float32": "FP32", "float64": 
 _CONSTS = ("Const", "HostConst")
 
 
+def _args(args: Any, node: node_def_pb2.NodeDef, op_def: Any) -> tuple[list[TypeKey], list[int], list[bool]]:
+    keys: list[TypeKey] = []
+    enums: list[int] = []
+    refs: list[bool] = []
+    for arg in args:
+        k, e = _arg_types(arg, node, op_def)
+        keys += k
+        enums += e
+        refs += [arg.is_ref] * len(k)
+    return keys, enums, refs
+
+
 def _signature(node: node_def_pb2.NodeDef) -> tuple[list[TypeKey], list[int], list[bool], list[TypeKey], list[int]]:
     """(type attr, dtype enum, is-ref) of every input and (type attr, dtype enum) of every output of ``node``."""
     op_def = _op_def(node)
-    ins: list[TypeKey] = []
-    in_enums: list[int] = []
-    refs: list[bool] = []
-    for arg in op_def.input_arg:
-        keys, enums = _arg_types(arg, node, op_def)
-        ins += keys
-        in_enums += enums
-        refs += [arg.is_ref] * len(keys)
-    outs: list[TypeKey] = []
-    out_enums: list[int] = []
-    for arg in op_def.output_arg:
-        keys, enums = _arg_types(arg, node, op_def)
-        outs += keys
-        out_enums += enums
+    ins, in_enums, refs = _args(op_def.input_arg, node, op_def)
+    outs, out_enums, _ = _args(op_def.output_arg, node, op_def)
     return ins, in_enums, refs, outs, out_enums
 
 
