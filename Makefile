@@ -12,7 +12,7 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip
 
 $(STAMP): $(PY) pyproject.toml
-	$(PY) -m pip install --quiet -e '.[dev,torch,tensorflow]'
+	$(PY) -m pip install --quiet -e '.[dev,torch,tensorflow,zoo]'
 	touch $(STAMP)
 
 install: $(STAMP)
