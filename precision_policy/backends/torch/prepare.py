@@ -15,7 +15,11 @@ Example:
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
+import logging
+from collections.abc import Mapping, MutableMapping
 from typing import Any, Sequence
 
 import torch
@@ -24,8 +28,11 @@ from precision_policy.backends.torch.eager import FROM_TORCH, TO_TORCH, decider_
 from precision_policy.backends.torch.ops import module_op_type
 from precision_policy.backends.torch.scaler import LossScaler
 from precision_policy.config import RunConfig
-from precision_policy.errors import PrecisionError
+from precision_policy.errors import ConfigError, PrecisionError
+from precision_policy.loss_scale import DynamicLossScale
 from precision_policy.modes.base import _problem_message
+
+log = logging.getLogger(__name__)
 
 
 def check_modules(model: torch.nn.Module, config: RunConfig) -> None:
@@ -43,16 +50,92 @@ def check_modules(model: torch.nn.Module, config: RunConfig) -> None:
         raise PrecisionError(_problem_message(config.mode.name, decider.library, decider.problems), decider.problems)
 
 
+_NOT_CHANGED = object()
+
+
 def _cast_outputs(out: Any, low: set[torch.dtype], to: torch.dtype) -> Any:
+    """``out`` with every ``low`` tensor in it cast to ``to``, keeping every container's type.
+
+    Dicts, lists, tuples, namedtuples, dataclasses and dict-dataclasses such as Hugging Face's
+    ``ModelOutput`` come back as the same type (attribute and key access both work); an output
+    with nothing to cast comes back as the very same object.
+    """
+    new = _cast(out, low, to)
+    return out if new is _NOT_CHANGED else new
+
+
+def _cast(out: Any, low: set[torch.dtype], to: torch.dtype) -> Any:
+    """The cast copy of ``out``, or ``_NOT_CHANGED`` when nothing in it needs a cast."""
     if isinstance(out, torch.Tensor):
-        return out.to(to) if out.dtype in low else out
-    if isinstance(out, tuple) and not hasattr(out, "_fields"):
-        return tuple(_cast_outputs(o, low, to) for o in out)
-    if isinstance(out, list):
-        return [_cast_outputs(o, low, to) for o in out]
-    if isinstance(out, dict):
-        return {k: _cast_outputs(v, low, to) for k, v in out.items()}
-    return out
+        return out.to(to) if out.dtype in low else _NOT_CHANGED
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return _cast_dataclass(out, low, to)
+    if isinstance(out, Mapping):
+        changed = {k: v for k, v in ((k, _cast(v, low, to)) for k, v in out.items()) if v is not _NOT_CHANGED}
+        if not changed:
+            return _NOT_CHANGED
+        if type(out) is dict:
+            return {k: changed.get(k, v) for k, v in out.items()}
+        new = copy.copy(out)  # OrderedDict, defaultdict, other dict subclasses: same type, same extras
+        for k, v in changed.items():
+            new[k] = v
+        return new
+    if isinstance(out, (list, tuple)):
+        items = [_cast(v, low, to) for v in out]
+        if all(v is _NOT_CHANGED for v in items):
+            return _NOT_CHANGED
+        values = [o if v is _NOT_CHANGED else v for o, v in zip(out, items)]
+        if type(out) in (list, tuple):
+            return type(out)(values)
+        if isinstance(out, tuple) and hasattr(out, "_make"):
+            return out._make(values)  # namedtuple
+        if isinstance(out, list):
+            new = copy.copy(out)
+            new[:] = values
+            return new
+        try:  # tuple subclasses built from an iterable: torch.return_types, structseqs
+            return type(out)(values)
+        except TypeError:
+            log.debug("prepare: cannot rebuild a %s output; returning a plain tuple", type(out).__qualname__)
+            return tuple(values)
+    return _NOT_CHANGED
+
+
+def _cast_dataclass(out: Any, low: set[torch.dtype], to: torch.dtype) -> Any:
+    """A dataclass instance (a dict one too, like ModelOutput) with its fields and items cast."""
+    fields = {f.name: f for f in dataclasses.fields(out)}
+    changed = {}
+    for name in fields:
+        value = _cast(getattr(out, name, None), low, to)
+        if value is not _NOT_CHANGED:
+            changed[name] = value
+    extra = {}  # keys of a dict-dataclass that are not fields (ModelOutput allows out["x"] = ...)
+    if isinstance(out, Mapping):
+        for k, v in out.items():
+            if k not in fields:
+                value = _cast(v, low, to)
+                if value is not _NOT_CHANGED:
+                    extra[k] = value
+    if not changed and not extra:
+        return _NOT_CHANGED
+    init = {name: changed.get(name, getattr(out, name)) for name, f in fields.items() if f.init}
+    try:
+        new = type(out)(**init)  # the class's own constructor: ModelOutput fills its keys here
+    except Exception:  # noqa: BLE001 - a constructor that validates or refuses: copy and patch instead
+        new = copy.copy(out)
+        for name in set(fields) & set(changed):
+            object.__setattr__(new, name, changed[name])
+    for name, f in fields.items():
+        if not f.init and name in changed:
+            object.__setattr__(new, name, changed[name])
+    if isinstance(new, MutableMapping):
+        for k in out.keys():
+            value = changed.get(k, extra.get(k, _NOT_CHANGED))
+            if value is _NOT_CHANGED:
+                value = out[k]
+            if k not in new or new[k] is not value:
+                new[k] = value
+    return new
 
 
 def prepare(
@@ -71,13 +154,40 @@ def prepare(
     must_keep_origin_dtype meeting a Conv2d whose library kernel is float16-only) are raised
     here, naming each module path and op type, not in the middle of training. With
     ``example_inputs`` the model is also traced and planned, catching function-level ops too.
-    Graph outputs are cast back to float32 when ``config.keep_output_dtype`` (the default).
-    The scaler is None without ``config.loss_scale``.
+    Graph outputs are cast back to float32 when ``config.keep_output_dtype`` (the default),
+    inside whatever structure the forward returns: a dict, list, (named)tuple, dataclass or a
+    Hugging Face ``ModelOutput`` comes back as the same type, so ``out.loss`` still works.
+
+    The scaler: when ``config.loss_scale`` is not set, float16 modes (every mode whose low dtype
+    is float16, emulated or native, except must_keep_origin_dtype, which never lowers) get a
+    dynamic :class:`LossScaler` and the other modes get None. An explicit ``loss_scale`` wins:
+    ``None`` or ``False`` turns scaling off, anything else is passed to :class:`LossScaler`.
+
+    ``optimizer``, when given, must hold this model's parameters: a parameter of the optimizer
+    that the model does not have (an optimizer built for another copy of the model, or before
+    the model's parameters were replaced) raises :class:`~precision_policy.errors.ConfigError`
+    naming it; trainable model parameters that no param_group holds are logged as a warning
+    (several optimizers over one model are legitimate).
+
+    Example (float16 training gets a dynamic loss scaler by default):
+        >>> import torch, precision_policy as pp
+        >>> from precision_policy.torch import prepare
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> cfg = pp.RunConfig(precision_mode="allow_mix_precision", op_info="torch_autocast_cpu")
+        >>> _, scaler = prepare(model, opt, cfg)
+        >>> scaler.get_scale()
+        65536.0
+        >>> prepare(model, opt, cfg, loss_scale=False)[1] is None
+        True
     """
+    explicit_loss_scale = "loss_scale" in settings or (config is not None and "loss_scale" in config.model_fields_set)
     if config is None:
         config = RunConfig(**settings)
     elif settings:
-        config = RunConfig(**{**config.model_dump(), **settings})
+        config = RunConfig(**{**config.model_dump(exclude_unset=True), **settings})
+    if optimizer is not None:
+        check_optimizer(model, optimizer)
     check_modules(model, config)
     if example_inputs is not None:
         from precision_policy.api import plan as make_plan
@@ -105,5 +215,60 @@ def prepare(
     model._pp_original_forward = original
     model._pp_config = config
     model.forward = forward
-    state = config.make_loss_scale()
+    state = config.make_loss_scale() if explicit_loss_scale else _default_loss_scale(config)
     return model, (LossScaler(state, model=model) if state is not None else None)
+
+
+def _default_loss_scale(config: RunConfig) -> DynamicLossScale | None:
+    """Dynamic loss scaling for a float16 mode whose ``loss_scale`` was left unset; None otherwise."""
+    mode = config.mode
+    if mode.low != "float16" or mode.name == "must_keep_origin_dtype":
+        return None
+    log.info("prepare: %s runs float16, so gradients are loss-scaled dynamically "
+             "(RunConfig(loss_scale=False) turns this off)", mode.name)
+    return DynamicLossScale()
+
+
+def check_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Check that ``optimizer`` updates ``model``'s parameters.
+
+    Raises ConfigError naming the first optimizer parameter that is not one of the model's (the
+    optimizer was built for another copy of the model, or before the model's parameters were
+    replaced, e.g. by ``.to()`` under ``torch.__future__.set_overwrite_module_params_on_conversion``).
+    Logs a warning naming the trainable model parameters that no param_group holds.
+
+    Example:
+        >>> import copy, torch
+        >>> model = torch.nn.Linear(4, 2)
+        >>> check_optimizer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> other = copy.deepcopy(model)
+        >>> check_optimizer(model, torch.optim.SGD(other.parameters(), lr=0.1))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        precision_policy.errors.ConfigError: optimizer param_groups[0]['params'][0] (shape (2, 4), ...
+    """
+    groups = getattr(optimizer, "param_groups", None)
+    if not isinstance(groups, list):
+        raise ConfigError(f"prepare(optimizer=...) needs a torch.optim.Optimizer (with param_groups), "
+                          f"got {type(optimizer).__qualname__}")
+    named = list(model.named_parameters())
+    in_model = {id(p) for _, p in named}
+    held: set[int] = set()
+    for g, group in enumerate(groups):
+        for k, p in enumerate(group["params"]):
+            held.add(id(p))
+            if id(p) in in_model:
+                continue
+            shape = tuple(p.shape)
+            twin = next((n for n, q in named if tuple(q.shape) == shape and id(q) not in held), None)
+            hint = f" (it looks like the model's {twin!r})" if twin is not None else ""
+            raise ConfigError(
+                f"optimizer param_groups[{g}]['params'][{k}] (shape {shape}, {p.dtype}) is not a parameter of the "
+                f"model{hint}: the optimizer was built for another copy of the model, or before the model's "
+                f"parameters were replaced (a deepcopy, a reload, .to() creating new parameters). Build the "
+                f"optimizer from this model's parameters() and pass it to prepare()")
+    missing = [n for n, p in named if p.requires_grad and id(p) not in held]
+    if missing:
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        log.warning("prepare: %d trainable parameter(s) of the model are in no optimizer param_group and will not "
+                    "be updated by this optimizer: %s%s", len(missing), ", ".join(missing[:8]), more)

@@ -54,6 +54,7 @@ class LossScaler:
         self._names: dict[int, str] = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
         self._per_optimizer: dict[int, dict[str, Any]] = {}
         self.last_overflow: list[str] = []
+        self._warned = False  # a skipped step was already logged at WARNING at the current scale
 
     # ------------------------------------------------------------------ GradScaler's shape
     def get_scale(self) -> float:
@@ -71,33 +72,57 @@ class LossScaler:
                 yield g, k, p
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
-        """Divide ``optimizer``'s gradients by the scale, in place, and look for inf/nan (once per step)."""
+        """Divide ``optimizer``'s gradients by the scale, in place, and look for inf/nan (once per step).
+
+        One fused check-and-unscale per (device, dtype) group of gradients and one host sync for
+        the whole optimizer; the names of the parameters with non-finite gradients are worked out
+        only when an overflow was found.
+        """
         if not self.enabled:
             return
         info = self._per_optimizer.setdefault(id(optimizer), {"stage": _READY})
         if info["stage"] != _READY:
             raise RuntimeError("unscale_() was already called on this optimizer since the last update()")
-        inv = 1.0 / self.state.scale
-        bad: list[str] = []
-        flags = []
+        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        checked: list[tuple[int, int, torch.nn.Parameter, torch.Tensor]] = []
         for g, k, p in self._params(optimizer):
             if p.grad is None:
                 continue
             grad = p.grad
             if grad.is_sparse:
-                grad = grad.coalesce()._values()
-            finite = torch.isfinite(grad).all()
-            flags.append(~finite)
-            p.grad.mul_(inv)
-            if not bool(finite):
-                bad.append(self._names.get(id(p), f"param_groups[{g}][{k}]"))
-        found = torch.stack(flags).any().float() if flags else torch.zeros(())
+                if grad.dtype == torch.float16:  # duplicates may sum past float16's range: coalesce first
+                    p.grad = grad = grad.coalesce()
+                grad = grad._values()
+            groups.setdefault((grad.device, grad.dtype), []).append(grad)
+            checked.append((g, k, p, grad))
+        found_per_device: dict[torch.device, torch.Tensor] = {}
+        inv_per_device: dict[torch.device, torch.Tensor] = {}
+        inv = 1.0 / self.state.scale
+        for (device, _), grads in groups.items():
+            if device not in found_per_device:
+                found_per_device[device] = torch.zeros(1, dtype=torch.float32, device=device)
+                inv_per_device[device] = torch.full((1,), inv, dtype=torch.float32, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_per_device[device], inv_per_device[device])
+        flags = list(found_per_device.values())
+        found = flags[0] if flags else torch.zeros(1)
+        for other in flags[1:]:
+            found = found + other.to(found.device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
-        info.update(stage=_UNSCALED, found_inf=bool(found.item()), bad=bad)
+        found_inf = bool(found.item())  # the one host sync of this optimizer's step
+        bad: list[str] = []
+        if found_inf and checked:  # rare: name the culprits (one more sync, on overflow steps only)
+            finite = torch.stack([torch.isfinite(t).all().to(found.device) for *_, t in checked]).tolist()
+            bad = [self._names.get(id(p), f"param_groups[{g}][{k}]")
+                   for (g, k, p, _), ok in zip(checked, finite) if not ok]
+        info.update(stage=_UNSCALED, found_inf=found_inf, bad=bad)
 
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> bool:
-        """Unscale if needed, then step ``optimizer`` unless a gradient overflowed; returns whether it stepped."""
+        """Unscale if needed, then step ``optimizer`` unless a gradient overflowed; returns whether it stepped.
+
+        A skipped step is logged at WARNING once per loss scale (until the scale next changes);
+        further skips at the same scale are logged at DEBUG.
+        """
         if not self.enabled:
             optimizer.step(*args, **kwargs)
             return True
@@ -112,8 +137,10 @@ class LossScaler:
             self.last_overflow = list(info["bad"])
             where = ", ".join(info["bad"][:8]) or "another rank"
             more = f" and {len(info['bad']) - 8} more" if len(info["bad"]) > 8 else ""
-            log.warning("loss scale %g: non-finite gradients in %s%s; optimizer step skipped",
-                        self.state.scale, where, more)
+            level = logging.DEBUG if self._warned else logging.WARNING
+            self._warned = True
+            log.log(level, "loss scale %g: non-finite gradients in %s%s; optimizer step skipped",
+                    self.state.scale, where, more)
             return False
         optimizer.step(*args, **kwargs)
         return True
@@ -125,9 +152,12 @@ class LossScaler:
         found = any(info.get("found_inf", False) for info in self._per_optimizer.values())
         if not self._per_optimizer:
             raise RuntimeError("update() needs a step() or unscale_() first in this iteration")
+        before = self.state.scale
         self.state.update(found)
         if new_scale is not None:
             self.state.scale = float(new_scale)
+        if self.state.scale != before:
+            self._warned = False  # the next skipped step at the new scale warns again
         self._per_optimizer.clear()
 
     # ------------------------------------------------------------------ checkpointing
@@ -142,6 +172,7 @@ class LossScaler:
         elif inner.get("kind") == "dynamic" and not isinstance(self.state, DynamicLossScale):
             self.state = DynamicLossScale()
         self.state.load_state_dict(inner)
+        self._warned = False
 
     def __repr__(self) -> str:
         return f"LossScaler({self.state!r}, enabled={self.enabled})"
