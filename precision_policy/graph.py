@@ -126,13 +126,19 @@ def parse_tensor_ref(ref: str) -> tuple[str, int]:
 class OpGraph:
     """A framework-neutral dataflow graph of named ops with dtypes on their outputs."""
 
-    def __init__(self, name: str = "graph", *, source: str | None = None, lookahead: bool = True) -> None:
+    def __init__(self, name: str = "graph", *, source: str | None = None, lookahead: bool = True,
+                 variables_vote: bool = False) -> None:
         self.name = name
         self.source = source  # file it came from, for error messages
         #: Whether a plan may look at an op's readers (a gray op between a black and a white op
         #: then runs low, moving the cast before it). Graphs that an eager route must reproduce
         #: op by op, with no look-ahead, set it to False.
         self.lookahead = lookahead
+        #: Whether variables (parameters, buffers) and reads of them vote for the gray ops that
+        #: read them, at the inputs whose kernel takes the low dtype. TensorFlow's AMP never lets
+        #: them vote (False); torch's type promotion does (``linear(h) + bias_param`` is float32
+        #: under autocast), so torch traces set it to True.
+        self.variables_vote = variables_vote
         self._names: list[str] = []
         self._ops: list[str] = []
         self._inputs: list[tuple[str, ...]] = []
@@ -361,6 +367,8 @@ class OpGraph:
         }
         if not self.lookahead:
             doc["lookahead"] = False
+        if self.variables_vote:
+            doc["variables_vote"] = True
         return doc
 
     def to_json(self, path: str | Path | None = None, *, indent: int | None = 1) -> str:
@@ -389,7 +397,10 @@ class OpGraph:
         lookahead = data.get("lookahead", True)
         if not isinstance(lookahead, bool):
             raise GraphError("'lookahead' must be true or false", file=source)
-        graph = cls(str(name), source=source, lookahead=lookahead)
+        variables_vote = data.get("variables_vote", False)
+        if not isinstance(variables_vote, bool):
+            raise GraphError("'variables_vote' must be true or false", file=source)
+        graph = cls(str(name), source=source, lookahead=lookahead, variables_vote=variables_vote)
         for k, entry in enumerate(nodes):
             if not isinstance(entry, dict):
                 raise GraphError(f"nodes[{k}] must be an object with 'name', 'op', 'inputs', 'outputs'", file=source)

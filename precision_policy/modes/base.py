@@ -185,6 +185,9 @@ class PrecisionMode:
         warnings = decider.warnings
         problems = decider.problems
 
+        variables_vote = getattr(graph, "variables_vote", False)
+        # 0-dim variables (attrs rank 0) never vote: torch's promotion lets a dimensioned tensor win
+        scalar_vars: set[int] = set()
         for i in res.order:
             op = ops[i]
             o = outs[i]
@@ -192,6 +195,8 @@ class PrecisionMode:
             kind = SOURCE_KINDS.get(op)
             if kind is not None:
                 src[i] = kind
+                if variables_vote and kind == "variable" and graph.node(names[i]).attrs.get("rank") == 0:
+                    scalar_vars.add(i)
                 in_dt[i] = tuple(out_dt[j][p] for j, p in ins)
                 reason[i] = f"source ({kind})"
                 for d in o:
@@ -248,6 +253,8 @@ class PrecisionMode:
                     and names[i] not in ov.keep_names):  # a kept read is decided (and kept) like any op
                 j = ins[0][0]
                 src[i] = src[j]
+                if j in scalar_vars:
+                    scalar_vars.add(i)
                 dtype[i] = actual_in[0] if is_float(actual_in[0]) else org
                 in_dt[i] = actual_in
                 if o and is_float(o[0]):
@@ -255,7 +262,9 @@ class PrecisionMode:
                 reason[i] = f"reads {src[j]} {names[j]}"
                 continue
             name = names[i]
-            voters = tuple([src[j] is None or src[j] == "input" for j, _ in ins])
+            voters = tuple([True if src[j] is None or src[j] == "input"
+                            else (VARIABLE if variables_vote and src[j] == "variable" and j not in scalar_vars
+                                  else False) for j, _ in ins])
             d, why, want_in, new_out, is_cast = decide(name, op, org, actual_in, voters, o, ins, names)
             if is_cast:
                 cast_nodes.append(i)
@@ -476,6 +485,13 @@ class _Marker:
         return int(text[start : text.index("\0", start)])
 
 
+#: A ``voters`` entry for an input that is a variable (a torch parameter or buffer, or a read of
+#: one): it votes for a gray op as torch's type promotion counts it, i.e. only at an input whose
+#: kernel takes the low dtype (not at a float32-only slot such as batch-norm statistics).
+#: Graphs with ``OpGraph.variables_vote`` (torch traces) pass it; TensorFlow graphs never do.
+VARIABLE = "variable"
+
+
 class NodeDecider:
     """The per-op decision every route shares: the static planner and the eager backends.
 
@@ -531,7 +547,9 @@ class NodeDecider:
     ) -> tuple[str, str, tuple[str, ...], tuple[str, ...], bool]:
         """Return ``(dtype, reason, input dtypes, output dtypes, is_existing_cast)`` for one op.
 
-        ``voters[m]`` is True when input ``m`` comes from a computing op (gray ops follow those);
+        ``voters[m]`` is True when input ``m`` comes from a computing op (gray ops follow those),
+        :data:`VARIABLE` when it is a variable that votes where torch's type promotion would
+        count it (see :attr:`OpGraph.variables_vote <precision_policy.graph.OpGraph>`), else False;
         ``producers[m]`` names that input's producer for the reason (an index into ``names``,
         or a name). Problems and warnings are collected on the decider, not raised.
         """
@@ -634,6 +652,8 @@ class NodeDecider:
                 for m, a in enumerate(actual_in):
                     if not voters[m] or not is_float(a):
                         continue
+                    if voters[m] == VARIABLE and not _promotes(info, m, len(actual_in), mode.low):
+                        continue
                     if follow is None:
                         follow, follow_m = a, m
                     elif a != follow:
@@ -676,6 +696,23 @@ class NodeDecider:
             want_in, new_out, why = _apply_spec(spec, want_in, new_out, name, op, info, self.problems)
             d = next((x for x in new_out if is_float(x)), d)
         return d, why, want_in, new_out, is_cast
+
+
+def _promotes(info: OpInfo, m: int, count: int, low: str) -> bool:
+    """Whether input ``m`` (of ``count``) takes part in the op's type promotion: some kernel
+    variant takes ``low`` there. A slot the library pins to another dtype in every variant
+    (batch-norm statistics and affine parameters) does not; dynamic inputs (declared count differs) do.
+
+    Example:
+        >>> from precision_policy.opinfo.library import load_library
+        >>> lib = load_library("torch_autocast_cpu")
+        >>> _promotes(lib["BatchNorm"], 1, 5, "bfloat16"), _promotes(lib["Add"], 1, 2, "bfloat16")
+        (False, True)
+    """
+    if not info.declares_dtypes or len(info.inputs) != count:
+        return True
+    decl = info.inputs[m].dtypes
+    return not decl or low in decl or not any(dtypes.is_float(d) for d in decl)
 
 
 def _tensor_dtypes(

@@ -3,7 +3,10 @@
 Tracing is *concrete*: every FX node is also run on the example inputs, so Python control
 flow on shapes (``if x.dim() != 3``) is resolved for those inputs, as ``torch.jit.trace``
 would, and dtypes come from real values. Modules are traced through down to torch
-functions, so the traced ops are exactly the calls the eager route sees.
+functions, and so are ``torch.fx.wrap``'d helpers, so the traced ops are exactly the calls
+the eager route sees. BatchNorm, InstanceNorm and Dropout modules stay whole (one op each),
+so the rewritten module follows ``train()``/``eval()``; tracing leaves the model's buffers
+(running statistics, ``num_batches_tracked``) and the RNG state as they were.
 
 Example:
     >>> import torch, precision_policy as pp
@@ -16,27 +19,110 @@ Example:
     >>> plan = pp.plan(graph, precision_mode="allow_mix_precision_bf16", op_info="torch_autocast_cpu")
     >>> apply(model, plan)(x).dtype
     torch.float32
+    >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8), torch.nn.Dropout())
+    >>> g = trace(net, (x,))
+    >>> int(net[1].num_batches_tracked), g.node("1").op_type, g.node("2").op_type
+    (0, 'BatchNorm', 'Dropout')
+    >>> gm = apply(net, pp.plan(g, precision_mode="allow_mix_precision_bf16", op_info="torch_autocast_cpu")).eval()
+    >>> torch.equal(gm(x), gm(x)), net[1].training
+    (True, False)
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
+import operator
 import weakref
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+import torch.fx._symbolic_trace as _fx_trace
 from torch.utils._pytree import tree_flatten
 
 from precision_policy.backends.torch.eager import FROM_TORCH, TO_TORCH
-from precision_policy.backends.torch.ops import func_label, is_inplace, method_op_type, op_type_of
+from precision_policy.backends.torch.ops import func_label, is_inplace, method_op_type, module_op_type, op_type_of
 from precision_policy.errors import GraphError
 from precision_policy.graph import OpGraph
 from precision_policy.plan import CastPlan
 
+log = logging.getLogger(__name__)
+
 #: Functions kept whole (one op in the graph) instead of traced through.
 LEAF_FUNCTIONS = (F.multi_head_attention_forward,)
+
+#: Modules kept whole (``call_module`` nodes): their forward reads ``self.training`` and updates
+#: running statistics when it runs, so the rewritten module follows ``train()``/``eval()``
+#: instead of a training flag frozen at trace time. Each calls exactly one mapped torch function
+#: (``F.batch_norm``, ``F.instance_norm``, ``F.dropout``...), as the eager route sees it.
+LEAF_MODULES: tuple[type, ...] = (
+    torch.nn.modules.batchnorm._BatchNorm,
+    torch.nn.modules.instancenorm._InstanceNorm,
+    torch.nn.modules.dropout._DropoutNd,
+)
+
+
+#: Python comparison operators FX records on tensors, which ``ops.OPERATORS`` does not map
+#: (the eager route sees ``Tensor.__eq__``... as Equal...).
+COMPARISON_OPERATORS: dict[Any, str] = {
+    operator.eq: "Equal", operator.ne: "NotEqual", operator.lt: "Less", operator.le: "LessEqual",
+    operator.gt: "Greater", operator.ge: "GreaterEqual",
+}
+
+#: ``x += y`` and friends as FX records them: in-place updates of ``x`` (the eager route sees
+#: ``Tensor.add_``), so not ops, as every in-place call.
+INPLACE_OPERATORS = frozenset({
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+    operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+})
+
+
+def _is_leaf(m: torch.nn.Module) -> bool:
+    return isinstance(m, LEAF_MODULES) and module_op_type(m) is not None
+
+
+@contextlib.contextmanager
+def _trace_through_fx_wrap() -> Iterator[None]:
+    """Trace through ``torch.fx.wrap``'d functions, so their torch calls become nodes.
+
+    The eager route sees every torch call inside such a helper (torchvision's
+    ``stochastic_depth``, Swin's ``shifted_window_attention``...); a concrete tracer can run
+    them on real values, so they need not be one opaque call.
+    """
+    saved_fns = dict(_fx_trace._wrapped_fns_to_patch)
+    saved_methods = list(_fx_trace._wrapped_methods_to_patch)
+    if saved_fns or saved_methods:
+        log.debug("tracing through %d torch.fx.wrap'd function(s): %s", len(saved_fns),
+                  ", ".join(sorted(name for _, name in saved_fns))[:200])
+    _fx_trace._wrapped_fns_to_patch.clear()
+    _fx_trace._wrapped_methods_to_patch.clear()
+    try:
+        yield
+    finally:
+        _fx_trace._wrapped_fns_to_patch.update(saved_fns)
+        _fx_trace._wrapped_methods_to_patch[:] = saved_methods
+
+
+@contextlib.contextmanager
+def _model_state_unchanged(model: torch.nn.Module) -> Iterator[None]:
+    """Run the enclosed code and put back the model's buffers and the RNG state.
+
+    Tracing runs the model once: BatchNorm would update its running statistics and
+    ``num_batches_tracked``, and dropout would draw from the global generator.
+    """
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    devices = sorted({t.device.index or 0 for t in list(model.parameters()) + list(model.buffers())
+                      if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, copy in saved:
+                    b.copy_(copy)
 
 
 def _dtype_name(t: Any) -> str | None:
@@ -56,6 +142,23 @@ class _ConcreteProxy(fx.Proxy):
             return iter([self[i] for i in range(len(self.concrete))])
         return super().__iter__()
 
+    # ``x += y`` on a proxy would fall back to ``x = x + y`` (a new op); record the in-place update
+    def __iadd__(self, other: Any) -> Any:
+        return self.tracer.create_proxy("call_function", operator.iadd, (self, other), {})
+
+    def __isub__(self, other: Any) -> Any:
+        return self.tracer.create_proxy("call_function", operator.isub, (self, other), {})
+
+    def __imul__(self, other: Any) -> Any:
+        return self.tracer.create_proxy("call_function", operator.imul, (self, other), {})
+
+    def __itruediv__(self, other: Any) -> Any:
+        return self.tracer.create_proxy("call_function", operator.itruediv, (self, other), {})
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        """``mask[a:b] = v`` (Swin's attention mask): an in-place call, run on the concrete value too."""
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
 
 class _ConcreteTracer(fx.Tracer):
     def __init__(self, root: torch.nn.Module, inputs: dict[str, Any]) -> None:
@@ -63,9 +166,20 @@ class _ConcreteTracer(fx.Tracer):
         self.root_module = root
         self._inputs = inputs  # forward's parameter name -> example value (or default)
         self.concrete: dict[fx.Node, Any] = {}
+        self._running_leaf = False
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
-        return False
+        return _is_leaf(m)
+
+    def call_module(self, m: torch.nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        if self._running_leaf:  # running a leaf module on real values: no tracing inside it
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        if self._running_leaf:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ConcreteProxy(node, self)
@@ -86,7 +200,24 @@ class _ConcreteTracer(fx.Tracer):
             self.concrete[a] = _fetch_attr(self.root_module, str(a.target))
         return self.concrete[a]
 
+    def _follow_training(self, target: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """``F.multi_head_attention_forward(..., training=self.training)``: read the calling
+        module's flag when the rewrite runs, so attention dropout follows ``train()``/``eval()``."""
+        if target not in LEAF_FUNCTIONS or not self.module_stack:
+            return args, kwargs
+        path = list(self.module_stack.values())[-1][0]
+        try:
+            flag = self.root_module.get_submodule(path).training
+        except AttributeError:
+            return args, kwargs
+        if kwargs.get("training") is flag:
+            attr = f"{path}.training" if path else "training"
+            kwargs = {**kwargs, "training": self.create_proxy("get_attr", attr, (), {})}
+        return args, kwargs
+
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        if kind == "call_function":
+            args, kwargs = self._follow_training(target, args, kwargs)
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         node = proxy.node
         cargs = fx.node.map_aggregate(node.args, self._value)
@@ -103,7 +234,11 @@ class _ConcreteTracer(fx.Tracer):
         elif kind == "call_method":
             value = getattr(cargs[0], target)(*cargs[1:], **ckwargs)
         elif kind == "call_module":
-            value = self.root_module.get_submodule(target)(*cargs, **ckwargs)
+            self._running_leaf = True
+            try:
+                value = self.root_module.get_submodule(target)(*cargs, **ckwargs)
+            finally:
+                self._running_leaf = False
         else:  # output
             value = cargs[0] if cargs else None
         self.concrete[node] = value
@@ -169,14 +304,14 @@ def trace_fx(model: torch.nn.Module, example_inputs: Sequence[Any]) -> TracedMod
     values = {p.name: v for p, v in zip(params, example_inputs)} | concrete_args
     tracer = _ConcreteTracer(model, values)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _model_state_unchanged(model), _trace_through_fx_wrap():
             graph = tracer.trace(model, concrete_args=concrete_args or None)
     except Exception as exc:  # noqa: BLE001 - any tracing failure becomes a typed, explained error
         raise GraphError(
             f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}. "
             "Use the eager route instead: `with precision_policy.torch.precision(config, model=model): ...`"
         ) from None
-    graph.eliminate_dead_code()
+    graph.eliminate_dead_code(is_impure_node=_has_side_effects)
     for node in graph.nodes:
         if node.op == "get_attr":
             tracer._value(node)
@@ -184,7 +319,10 @@ def trace_fx(model: torch.nn.Module, example_inputs: Sequence[Any]) -> TracedMod
 
 
 def _to_opgraph(model: torch.nn.Module, graph: fx.Graph, concrete: dict[fx.Node, Any]) -> TracedModel:
-    og = OpGraph(type(model).__name__, lookahead=False)  # the eager route must reproduce it op by op
+    # the eager route must reproduce it op by op; parameters and buffers take part in torch's
+    # type promotion, so they vote for gray ops as torch promotes them
+    og = OpGraph(type(model).__name__, lookahead=False)
+    og.variables_vote = True
     tensor_of: dict[fx.Node, str] = {}
     op_node: dict[fx.Node, str] = {}
     used: dict[str, int] = {}
@@ -211,7 +349,9 @@ def _to_opgraph(model: torch.nn.Module, graph: fx.Graph, concrete: dict[fx.Node,
         if node.op == "get_attr":
             if isinstance(value, torch.Tensor):
                 name = unique(str(node.target))
-                og.add_node(name, "Parameter", outputs=[_dtype_name(value)])
+                # a 0-dim parameter does not vote: torch promotes a dimensioned tensor over it
+                og.add_node(name, "Parameter", outputs=[_dtype_name(value)],
+                            attrs={"rank": 0} if value.dim() == 0 else None)
                 tensor_of[node] = f"{name}:0"
             continue
         if node.op == "output":
@@ -235,10 +375,13 @@ def _to_opgraph(model: torch.nn.Module, graph: fx.Graph, concrete: dict[fx.Node,
             inplace = is_inplace(node.target)
         elif node.op == "call_function":
             label = func_label(node.target)
-            op = op_type_of(node.target)
-            inplace = is_inplace(getattr(node.target, "__name__", ""))
-        else:  # call_module cannot happen: nothing is a leaf
-            label, op, inplace = str(node.target), None, False
+            op = COMPARISON_OPERATORS.get(node.target) or op_type_of(node.target)
+            inplace = is_inplace(getattr(node.target, "__name__", "")) or (
+                node.target in INPLACE_OPERATORS and bool(leaves) and leaves[0] is node.args[0]
+                and isinstance(concrete.get(node.args[0]), torch.Tensor))
+        else:  # a leaf module (BatchNorm, Dropout...): one op, as its forward's one torch call
+            sub = model.get_submodule(str(node.target))
+            label, op, inplace = f"{type(sub).__module__}.{type(sub).__qualname__}", module_op_type(sub), False
         outs = _tensor_leaves(value)
         ins = [a for a in leaves if a in tensor_of]
         if (inplace or op is None) and ins and isinstance(value, torch.Tensor):
@@ -246,7 +389,11 @@ def _to_opgraph(model: torch.nn.Module, graph: fx.Graph, concrete: dict[fx.Node,
             continue
         if not outs or op is None:
             continue  # metadata: shapes, sizes, comparisons of Python numbers
-        path = _module_path(node)
+        if not ins and node.op != "call_module" and _dtype_follows_a_tensor(node):
+            # a factory such as torch.empty(shape, dtype=x.dtype): no float input, so the eager route
+            # never sees it, and its dtype is read when the rewrite runs; not an op, not a voter
+            continue
+        path = str(node.target) if node.op == "call_module" else _module_path(node)
         base = path if path and path not in first_op_in else (f"{path}/{node.name}" if path else node.name)
         first_op_in.add(path)
         name = unique(base)
@@ -257,6 +404,25 @@ def _to_opgraph(model: torch.nn.Module, graph: fx.Graph, concrete: dict[fx.Node,
             tensor_of[node] = f"{name}:0"
     og.resolve()
     return TracedModel(model, graph, concrete, og, tensor_of, op_node)
+
+
+def _has_side_effects(node: fx.Node) -> bool:
+    """Kept even when its result is unused: a leaf module (BatchNorm updates its statistics) and
+    every in-place update (``noise.div_(p)`` in torchvision's ``stochastic_depth``)."""
+    if node.op == "call_module":
+        return True
+    if node.op == "call_method" and is_inplace(str(node.target)):
+        return True
+    if node.op == "call_function" and (node.target in INPLACE_OPERATORS
+                                       or is_inplace(getattr(node.target, "__name__", ""))):
+        return True
+    return node.is_impure()
+
+
+def _dtype_follows_a_tensor(node: fx.Node) -> bool:
+    """Whether ``node`` takes its ``dtype`` argument from a traced tensor (``dtype=x.dtype``)."""
+    dt = node.kwargs.get("dtype")
+    return isinstance(dt, fx.Node) and dt.op == "call_function" and dt.target is getattr
 
 
 _TRACES: "weakref.WeakKeyDictionary[OpGraph, TracedModel]" = weakref.WeakKeyDictionary()
