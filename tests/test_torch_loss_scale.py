@@ -186,6 +186,7 @@ DDP = textwrap.dedent(
         scaler.update()
     json.dump({{"applied": applied, "scale": scaler.get_scale(),
                "weights": [p.detach().flatten().tolist() for p in model.parameters()]}}, open(out, "w"))
+    dist.barrier()  # both ranks done before gloo's threads are torn down (an abort at exit was seen under load)
     dist.destroy_process_group()
     """
 )
