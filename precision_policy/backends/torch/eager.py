@@ -26,10 +26,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from precision_policy.backends.torch.ops import func_label, op_type_of
+from precision_policy.backends.torch.ops import func_label, op_type_of, writes_in_place
 from precision_policy.config import RunConfig
 from precision_policy.errors import PrecisionError
-from precision_policy.modes.base import NodeDecider
+from precision_policy.modes.base import VARIABLE, NodeDecider
 
 _state = threading.local()
 
@@ -88,8 +88,9 @@ class PrecisionFunctionMode(TorchFunctionMode):
         self._weights: dict[tuple[int, torch.dtype], tuple[int, torch.Tensor, torch.Tensor]] = {}
         self._torch_dtypes = dict(TO_TORCH)
         # With the model known, every tensor but its parameters and buffers votes for gray ops
-        # (graph inputs included), exactly as in a traced graph. Without it, only tensors that a
-        # computation produced vote.
+        # (graph inputs included), and parameters and buffers vote as variables (where torch's
+        # type promotion counts them), exactly as in a traced graph. Without it, tensors that a
+        # computation produced vote, and leaves that want grad vote as variables.
         self._state_ids: set[int] | None = None
         if model is not None:
             self._state_ids = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
@@ -128,7 +129,10 @@ class PrecisionFunctionMode(TorchFunctionMode):
                 self._ops[func] = op
             except TypeError:
                 pass
-        if op is None or op == "Cast":
+        if op is None or op == "Cast" or writes_in_place(kwargs):
+            # in-place and ``out=`` calls keep the dtype of the tensor they write into, as under
+            # autocast: type promotion computes them in the wider dtype, and casting the target
+            # would write into a copy
             return func(*args, **kwargs)
         flat, spec = tree_flatten((args, kwargs))
         pos: list[int] = []
@@ -141,9 +145,14 @@ class PrecisionFunctionMode(TorchFunctionMode):
                 pos.append(k)
                 in_dtypes.append(name)
                 if self._state_ids is not None:
-                    voters.append(id(leaf) not in self._state_ids)
-                else:
-                    voters.append(leaf.grad_fn is not None or getattr(leaf, "_pp_computed", False))
+                    if id(leaf) not in self._state_ids:
+                        voters.append(True)
+                    else:  # parameters and buffers vote as torch's type promotion counts them
+                        voters.append(VARIABLE if leaf.dim() > 0 else False)
+                elif leaf.grad_fn is not None or getattr(leaf, "_pp_computed", False):
+                    voters.append(True)
+                else:  # a parameter (a leaf that wants grad) votes as a variable, as in a trace
+                    voters.append(VARIABLE if leaf.requires_grad and leaf.dim() > 0 else False)
                 if name == "float64":
                     origin = "float64"
         if not pos:
@@ -163,16 +172,24 @@ class PrecisionFunctionMode(TorchFunctionMode):
         emulate = d == "float16" and not self.native_fp16
         changed = False
         tdt = self._torch_dtypes
+        # one cast per (tensor, dtype) per call, as autocast's cast cache: mha(x, x, x) keeps
+        # ``query is key`` and takes the packed self-attention projection
+        casts: dict[tuple[int, str], torch.Tensor] = {}
         for m, k in enumerate(pos):
             want = want_in[m]
             leaf = flat[k]
             if emulate and want == "float16":
-                if in_dtypes[m] != "float16":
-                    leaf = self._cast(leaf, torch.float16)
-                flat[k] = leaf.to(torch.float32)
+                key = (id(leaf), "emulated")
+                if key not in casts:
+                    low = leaf if in_dtypes[m] == "float16" else self._cast(leaf, torch.float16)
+                    casts[key] = low.to(torch.float32)
+                flat[k] = casts[key]
                 changed = True
             elif want != in_dtypes[m]:
-                flat[k] = self._cast(leaf, tdt[want])
+                key = (id(leaf), want)
+                if key not in casts:
+                    casts[key] = self._cast(leaf, tdt[want])
+                flat[k] = casts[key]
                 changed = True
         if changed:
             args, kwargs = tree_unflatten(flat, spec)

@@ -105,8 +105,36 @@ def _tables() -> tuple[dict[Any, str], dict[str, str], dict[type, str]]:
     return funcs, methods, modules
 
 
+#: Python's augmented assignments on tensors (``x += y`` dispatches as ``Tensor.__iadd__``).
+INPLACE_DUNDERS: frozenset[str] = frozenset(
+    {
+        "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__",
+        "__imatmul__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__idiv__",
+    }
+)
+
+
 def is_inplace(name: str) -> bool:
-    return name.endswith("_") and not name.endswith("__")
+    """Whether a call name writes into its first argument (``add_``, ``x += y``).
+
+    Example:
+        >>> is_inplace("add_"), is_inplace("__iadd__"), is_inplace("add"), is_inplace("__add__")
+        (True, True, False, False)
+    """
+    return (name.endswith("_") and not name.endswith("__")) or name in INPLACE_DUNDERS
+
+
+def writes_in_place(kwargs: dict[str, Any] | None) -> bool:
+    """Whether a call writes into a tensor it was given (``out=``), which must then not be
+    replaced by a cast copy. (``F.relu(x, inplace=True)`` stays an op, as in FX: its result
+    is what the caller uses.)
+
+    Example:
+        >>> import torch
+        >>> writes_in_place({"out": torch.empty(2)}), writes_in_place({"out": None}), writes_in_place(None)
+        (True, False, False)
+    """
+    return bool(kwargs) and kwargs.get("out") is not None
 
 
 UNMAPPED_PREFIX = "torch:"
