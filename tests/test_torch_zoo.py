@@ -1,0 +1,102 @@
+"""The PyTorch bar, on models nobody here wrote: torchvision, timm and Hugging Face transformers.
+
+Each model of ``torch_zoo.zoo()`` (random weights, small configs) runs under
+``torch.autocast("cpu", bfloat16)`` and under our routes with the ``torch_autocast_cpu``
+library: the eager route must give every op autocast's dtypes and the same output; the FX
+route (where the model traces: the vision models; Hugging Face models need the torch.export
+capture, still to come) must too. ``prepare()`` then trains each model five steps in
+emulated float16 with its default loss scaler: finite losses, float32 parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+torch = pytest.importorskip("torch")
+torch_zoo = pytest.importorskip("torch_zoo")
+torch_zoo.import_torchvision()  # before timm and transformers import it
+pytest.importorskip("timm")
+pytest.importorskip("transformers")
+
+import precision_policy as pp  # noqa: E402
+from precision_policy.torch import apply, precision, prepare, trace_fx  # noqa: E402
+from test_torch_backend import BF16_AUTOCAST, Observe  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+BUILDERS = torch_zoo.zoo()
+FP16 = pp.RunConfig(precision_mode="allow_mix_precision", op_info="ascend910b", use_env_lists=False)
+
+
+def first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def run_logged(model, inputs, ctx):
+    seen = Observe()
+    torch.manual_seed(1)  # same dropout masks in every run
+    with ctx, seen:
+        out = torch_zoo.call(model, inputs)
+    return seen.log, first_tensor(out)
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_eager_route_gives_every_op_autocasts_dtype(name, caplog):
+    caplog.set_level(logging.ERROR)
+    torch.manual_seed(0)
+    model, inputs = BUILDERS[name]()
+    model.train()
+    ref_log, ref = run_logged(model, inputs, torch.autocast("cpu", torch.bfloat16))
+    log, out = run_logged(model, inputs, precision(BF16_AUTOCAST, model=model))
+    assert len(ref_log) >= 10
+    mismatches = [(k, a, b) for k, (a, b) in enumerate(zip(ref_log, log)) if a != b]
+    assert not mismatches and len(log) == len(ref_log), mismatches[:3]
+    assert out.dtype == ref.dtype
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=0)
+
+
+VISION = sorted(n for n in BUILDERS if not n.startswith("hf_"))
+
+
+@pytest.mark.parametrize("name", VISION)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_fx_route_gives_every_op_autocasts_dtype(name, train, caplog):
+    caplog.set_level(logging.ERROR)
+    torch.manual_seed(0)
+    model, inputs = BUILDERS[name]()
+    model.train(train)
+    traced = trace_fx(model, inputs["args"])
+    fx_model = apply(model, pp.plan(traced.graph, BF16_AUTOCAST), traced=traced)
+    ref_log, ref = run_logged(model, inputs, torch.autocast("cpu", torch.bfloat16))
+    log, out = run_logged(fx_model, inputs, torch.autocast("cpu", enabled=False))
+    assert log == ref_log
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_prepare_trains_five_steps_in_emulated_float16_with_loss_scaling(name, caplog):
+    caplog.set_level(logging.ERROR)
+    torch.manual_seed(0)
+    model, inputs = BUILDERS[name]()
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, scaler = prepare(model, opt, FP16)
+    assert scaler is not None  # float16 trains with loss scaling by default
+    losses = []
+    for _ in range(5):
+        out = torch_zoo.call(model, inputs)
+        loss = getattr(out, "loss", None)
+        if loss is None:
+            loss = first_tensor(out).float().pow(2).mean()
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        losses.append(float(loss.detach()))
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
