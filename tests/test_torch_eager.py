@@ -168,3 +168,160 @@ def test_self_attention_casts_once_and_takes_the_packed_projection(train):
     assert our_count.count == ref_count.count
     assert y.dtype == y_ref.dtype
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------- by-name overrides (bug 8)
+def _resnet():
+    from torch_models import resnet_cnn
+
+    torch.manual_seed(0)
+    return resnet_cnn(), torch.randn(4, 1, 8, 8)
+
+
+def _keep_config(tmp_path, lines, **extra):
+    f = tmp_path / "keep.txt"
+    f.write_text("\n".join(lines) + "\n")
+    return pp.RunConfig(**{**BF16_AUTOCAST.model_dump(), "keep_dtype": str(f), **extra})
+
+
+def test_keep_dtype_by_module_path_keeps_the_same_ops_in_both_routes(tmp_path):
+    model, x = _resnet()
+    cfg = _keep_config(tmp_path, ["0", "3.conv2", "7"])  # stem conv, a block's second conv, the classifier
+    plan = pp.plan(trace_fx(model, (x,)).graph, cfg)
+    fx_kept = {d.name: d.dtype for d in plan if "keep_dtype" in d.reason}
+    assert fx_kept == {"0": "float32", "3.conv2": "float32", "7": "float32"}
+    record: list = []
+    with precision(cfg, model=model, record=record):
+        model(x)
+    kept = {r.name: r.dtype for r in record if "keep_dtype" in r.reason}
+    assert kept == fx_kept
+    # every other conv and the matmuls are still lowered, as without the file
+    assert {r.name: r.dtype for r in record if r.op_type == "Conv2D" and r.name not in kept} == {
+        "3.conv1": "bfloat16", "4.conv1": "bfloat16", "4.conv2": "bfloat16"}
+    # prepare() routes the same names
+    from precision_policy.torch import prepare
+
+    prepared, _ = prepare(model, None, cfg)
+    with TraceOps() as seen:
+        prepared(x)
+    assert [d for label, d in seen.log if label == "torch.nn.functional.linear"] == [("float32",)]
+
+
+def test_customize_dtypes_by_module_path_in_the_eager_route(tmp_path):
+    model, x = _resnet()
+    f = tmp_path / "custom.txt"
+    f.write_text("7::InputDtype:float32,float32,float32,OutputDtype:float32\n")
+    cfg = pp.RunConfig(**{**BF16_AUTOCAST.model_dump(), "customize_dtypes": str(f)})
+    record: list = []
+    with precision(cfg, model=model, record=record):
+        model(x)
+    (fc,) = [r for r in record if r.name == "7"]
+    assert fc.dtype == "float32" and fc.reason.startswith("customize_dtypes")
+
+
+def test_by_name_overrides_that_match_nothing_are_errors_naming_the_closest(tmp_path):
+    from precision_policy.errors import ConfigError, OverrideError
+    from precision_policy.torch import prepare
+
+    model, x = _resnet()
+    with pytest.raises(OverrideError, match=r"keep\.txt:2: '3\.conv3' is no module path.*'3\.conv2'|keep\.txt:2: '3\.conv3'.*did you mean"):
+        prepare(model, None, _keep_config(tmp_path, ["7", "3.conv3"]))
+    assert "_pp_config" not in model.__dict__  # nothing half-done
+    # a container module runs no op of its own: the error names its ops, after the first forward
+    net = nn.Sequential(nn.Sequential(nn.Linear(8, 8), nn.ReLU()), nn.Linear(8, 2))
+    with pytest.raises(OverrideError, match=r"keep\.txt:1: '0' is a module that runs no op of its own.*'0\.0'"):
+        with precision(_keep_config(tmp_path, ["0"]), model=net):
+            net(torch.randn(2, 8))
+    # a block with ops of its own (BasicBlock's relu and residual add): its name is its first op
+    record: list = []
+    with precision(_keep_config(tmp_path, ["3"]), model=model, record=record):
+        model(x)
+    assert [(r.name, r.op_type) for r in record if "keep_dtype" in r.reason] == [("3", "Relu")]
+    # by-name overrides need the model, to know which module runs
+    with pytest.raises(ConfigError, match="model=model"):
+        with precision(_keep_config(tmp_path, ["7"])):
+            pass
+
+
+class TraceOps(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if op_type_of(func) is not None:
+            self.log.append((func_label(func), _out_dtypes(out)))
+        return out
+
+
+# ---------------------------------------------------------------------- fused fast paths (bug 5)
+def _encoder(layers=None):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(64, 4, 128, batch_first=True)
+    return (nn.TransformerEncoder(layer, layers, enable_nested_tensor=False) if layers else layer).eval()
+
+
+class FusedCalls(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fused: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if "_transformer_encoder_layer_fwd" in name or "_native_multi_head_attention" in name:
+            self.fused.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", ["layer", "stack", "mha"])
+def test_inference_keeps_the_fused_fast_path_and_equals_autocast(kind):
+    model = _encoder(2 if kind == "stack" else None)
+    if kind == "mha":
+        model = nn.MultiheadAttention(64, 4, batch_first=True).eval()
+    x = torch.randn(2, 8, 64)
+
+    def run():
+        return model(x, x, x)[0] if kind == "mha" else model(x)
+
+    with torch.no_grad():
+        with torch.autocast("cpu", torch.bfloat16):
+            ref = run()
+        record: list = []
+        with precision(BF16_AUTOCAST, model=model, record=record):
+            out = run()
+        with FusedCalls() as fused, precision(BF16_AUTOCAST, model=model):
+            run()
+        f32 = run()
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=0)
+    assert (out.float() - f32).abs().max() > 0  # it did run in bfloat16
+    assert len(fused.fused) == (2 if kind == "stack" else 1)  # the fused kernel ran, once per layer
+    assert {r.op_type for r in record} <= {"TransformerEncoderLayer", "MultiHeadAttention"}, record
+    assert all(r.dtype == "bfloat16" for r in record)
+
+
+def test_fast_path_module_in_training_or_with_grad_runs_op_by_op_like_autocast():
+    model = _encoder().train()
+    x = torch.randn(2, 8, 64)
+    torch.manual_seed(1)
+    with torch.autocast("cpu", torch.bfloat16):
+        ref = model(x)
+    record: list = []
+    torch.manual_seed(1)
+    with precision(BF16_AUTOCAST, model=model, record=record):
+        out = model(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert "TransformerEncoderLayer" not in {r.op_type for r in record} and len(record) > 5
+
+
+def test_fast_path_in_origin_dtype_when_the_mode_keeps_it():
+    model = _encoder()
+    x = torch.randn(2, 8, 64)
+    cfg = pp.RunConfig(precision_mode="force_fp32", op_info="torch_autocast_cpu", use_env_lists=False)
+    with torch.no_grad():
+        f32 = model(x)
+        with FusedCalls() as fused, precision(cfg, model=model):
+            out = model(x)
+    assert fused.fused and out.dtype == torch.float32
+    torch.testing.assert_close(out, f32, rtol=0, atol=0)

@@ -534,6 +534,11 @@ class NodeDecider:
         # overrides keyed by node name make decisions per node; otherwise they are per (op, dtypes)
         self._by_name = bool(self.overrides.keep_names or self.overrides.custom_names)
 
+    @property
+    def by_name(self) -> bool:
+        """Whether keep_dtype/customize_dtypes name single ops (decisions then depend on node names)."""
+        return self._by_name
+
     def decide_node(
         self,
         name: str,

@@ -18,9 +18,11 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import threading
+import weakref
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -28,7 +30,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from precision_policy.backends.torch.ops import func_label, op_type_of, writes_in_place
 from precision_policy.config import RunConfig
-from precision_policy.errors import PrecisionError
+from precision_policy.errors import ConfigError, OverrideError, PrecisionError
 from precision_policy.modes.base import VARIABLE, NodeDecider
 
 _state = threading.local()
@@ -50,10 +52,11 @@ def _busy() -> bool:
 class _OpRecord:
     """One intercepted call, for tests and reports."""
 
-    __slots__ = ("label", "op_type", "dtype", "reason", "out_dtypes")
+    __slots__ = ("label", "op_type", "dtype", "reason", "out_dtypes", "name")
 
-    def __init__(self, label: str, op_type: str, dtype: str, reason: str, out_dtypes: tuple) -> None:
+    def __init__(self, label: str, op_type: str, dtype: str, reason: str, out_dtypes: tuple, name: str = "") -> None:
         self.label = label
+        self.name = name or label  # the module path naming the op when by-name overrides are in force
         self.op_type = op_type
         self.dtype = dtype
         self.reason = reason
@@ -94,10 +97,29 @@ class PrecisionFunctionMode(TorchFunctionMode):
         self._state_ids: set[int] | None = None
         if model is not None:
             self._state_ids = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
+        # by-name overrides (keep_dtype / customize_dtypes naming module paths) need to know which
+        # module is running: only then are module hooks installed (see ModulePaths)
+        self._names: ModulePaths | None = None
+        if decider is not None and decider.by_name:
+            if model is None:
+                raise ConfigError(
+                    "keep_dtype/customize_dtypes name ops by module path (e.g. 'layer1.0.conv1'), so the eager "
+                    "route must know the model: use precision(config, model=model) or prepare(model, ...)")
+            self._names = ModulePaths(model, decider)
+        self.model = model
 
     def clear_cache(self) -> None:
         """Forget the low-precision copies of parameters (done when the context exits)."""
         self._weights.clear()
+
+    def raise_problems(self) -> None:
+        """Raise PrecisionError for what the decider could not honour (and forget it)."""
+        problems = list(self.decider.problems)
+        self.decider.problems.clear()
+        raise PrecisionError(
+            "precision mode cannot be honoured: " + "; ".join(f"{n} ({o}): {detail}" for n, o, detail in problems),
+            problems,
+        )
 
     def _cast(self, t: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
         if t.is_leaf and t.requires_grad:
@@ -158,17 +180,12 @@ class PrecisionFunctionMode(TorchFunctionMode):
         if not pos:
             return func(*args, **kwargs)
         label = func_label(func)
+        name = label if self._names is None else self._names.op_name(label)
         d, why, want_in, _, _ = self.decider.decide_node(
-            label, op, origin, tuple(in_dtypes), tuple(voters), (origin,), producers=("its input",) * len(pos)
+            name, op, origin, tuple(in_dtypes), tuple(voters), (origin,), producers=("its input",) * len(pos)
         )
         if self.decider.problems:
-            problems = list(self.decider.problems)
-            self.decider.problems.clear()
-            raise PrecisionError(
-                "precision mode cannot be honoured: "
-                + "; ".join(f"{n} ({o}): {detail}" for n, o, detail in problems),
-                problems,
-            )
+            self.raise_problems()
         emulate = d == "float16" and not self.native_fp16
         changed = False
         tdt = self._torch_dtypes
@@ -203,7 +220,7 @@ class PrecisionFunctionMode(TorchFunctionMode):
         if self._state_ids is None and not torch.is_grad_enabled():
             _mark_computed(out)
         if self.record is not None:
-            self.record.append(_OpRecord(label, op, d, why, _out_dtypes(out)))
+            self.record.append(_OpRecord(label, op, d, why, _out_dtypes(out), name))
         return out
 
 
@@ -234,6 +251,217 @@ def _out_dtypes(out: Any) -> tuple:
     if isinstance(out, (tuple, list)):
         return tuple(d for o in out for d in _out_dtypes(o))
     return ()
+
+
+class ModulePaths:
+    """Names the eager route's ops by module path, as the FX route names its nodes.
+
+    The first op that runs directly in a module (not in one of its submodules) in a forward is
+    named by the module's path (``layer1.0.conv1``), as the FX node of that op is; later ops of
+    the same module get ``path/op_k`` names. The names are what ``keep_dtype`` and
+    ``customize_dtypes`` lines match. While installed, process-wide module hooks keep a stack of
+    the running modules (only this thread's calls of this model's modules count; per-module hooks
+    would switch off the fused fast paths of ``nn.TransformerEncoderLayer``).
+
+    Names that are no module path of the model raise :class:`OverrideError` at once; names that
+    matched no op once a forward has run raise it then (:meth:`check_matched`), naming the closest.
+    """
+
+    #: model -> override names matched by an op in any forward so far (a name only some forwards reach)
+    _matched: "weakref.WeakKeyDictionary[torch.nn.Module, set[str]]" = weakref.WeakKeyDictionary()
+
+    def __init__(self, model: torch.nn.Module, decider: NodeDecider) -> None:
+        self.model = model
+        self.paths = {id(m): p for p, m in model.named_modules()}
+        self.thread = threading.get_ident()
+        self.stack: list[str] = []
+        self.first: set[str] = set()
+        self.count: dict[str, int] = {}
+        self.seen: set[str] = set()
+        ov = decider.overrides
+        self.wanted: dict[str, str] = dict(ov.keep_names)
+        self.wanted.update({name: spec.where for name, spec in ov.custom_names.items()})
+        modules = set(self.paths.values())
+        for name, where in self.wanted.items():
+            if name.partition("/")[0] not in modules:
+                raise _unmatched(name, where, model, sorted(p for p in modules if p),
+                                 "is no module path")
+        self._handles: list[Any] = []
+
+    def install(self) -> None:
+        from torch.nn.modules import module as nn_module
+
+        self._handles = [nn_module.register_module_forward_pre_hook(self._enter),
+                         nn_module.register_module_forward_hook(self._leave, always_call=True)]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _enter(self, module: torch.nn.Module, args: Any) -> None:
+        path = self.paths.get(id(module))
+        if path is None or threading.get_ident() != self.thread:
+            return
+        if not self.stack and path == "":  # a new forward of the model: first ops are named afresh
+            self.first.clear()
+            self.count.clear()
+        self.stack.append(path)
+
+    def _leave(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        path = self.paths.get(id(module))
+        if path is None or threading.get_ident() != self.thread or not self.stack:
+            return
+        if self.stack[-1] == path:
+            self.stack.pop()
+
+    def op_name(self, label: str) -> str:
+        """The name of the op ``label`` now running (see the class docstring)."""
+        path = self.stack[-1] if self.stack else ""
+        if path and path not in self.first:
+            self.first.add(path)
+            name = path
+        else:
+            short = label.rpartition(".")[2]
+            key = f"{path}/{short}" if path else short
+            k = self.count.get(key, 0)
+            self.count[key] = k + 1
+            name = key if k == 0 else f"{key}_{k}"
+        self.seen.add(name)
+        return name
+
+    def check_matched(self) -> None:
+        """After a forward: every by-name override must have matched an op of some forward."""
+        matched = self._matched.setdefault(self.model, set())
+        matched.update(n for n in self.wanted if n in self.seen)
+        for name, where in self.wanted.items():
+            if name in matched:
+                continue
+            below = sorted(n for n in self.seen if n.startswith(name + "."))
+            if name in set(self.paths.values()) and below:
+                why = ("is a module that runs no op of its own (its ops run in submodules); name those, e.g. "
+                       + ", ".join(repr(n) for n in below[:3]))
+                raise _unmatched(name, where, self.model, [], why)
+            raise _unmatched(name, where, self.model, sorted(self.seen), "matches no op that ran in the forward")
+
+
+def _unmatched(name: str, where: str, model: torch.nn.Module, candidates: list[str], why: str) -> OverrideError:
+    file, _, line = where.rpartition(":")
+    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else (
+        "; names are module paths such as 'layer1.0.conv1' (the FX route's node names)" if candidates else "")
+    return OverrideError(f"{name!r} {why} of {type(model).__name__}{hint}",
+                         file=file or where, line=int(line) if line.isdigit() else None)
+
+
+#: Modules with a fused inference fast path (eval, no grad) that torch takes only when no
+#: TorchFunctionMode is active. The eager route decides the fused call as one op and runs it
+#: with torch function handling off: in the origin dtype, or under ``torch.autocast`` with the
+#: low dtype (the fused kernel lowers its inner ops by autocast's lists, exactly as autocast).
+FAST_PATH_OPS: dict[type, tuple[str, str]] = {
+    torch.nn.TransformerEncoderLayer: ("TransformerEncoderLayer", "torch._transformer_encoder_layer_fwd"),
+    torch.nn.MultiheadAttention: ("MultiHeadAttention", "torch._native_multi_head_attention"),
+}
+
+
+def _no_grad_needed(tensors: Sequence[Any]) -> bool:
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
+
+
+def _fast_path_input(module: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The input tensor when torch 2.13 will surely take ``module``'s fused fast path, else None.
+
+    Conservative: calls with masks, non-self attention or anything unusual take the slow path,
+    where the eager route sees every op.
+    """
+    if module.training or not torch.backends.mha.get_fastpath_enabled():
+        return None
+    if isinstance(module, torch.nn.TransformerEncoderLayer):
+        if len(args) != 1 or any(v is not None and v is not False for v in kwargs.values()):
+            return None
+        src, attn = args[0], module.self_attn
+        if not (isinstance(src, torch.Tensor) and src.dim() == 3 and not src.is_nested) or not module.activation_relu_or_gelu:
+            return None
+        if module.norm1.eps != module.norm2.eps:
+            return None
+        tensors = [src, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
+                   module.norm1.weight, module.norm1.bias, module.norm2.weight, module.norm2.bias,
+                   module.linear1.weight, module.linear1.bias, module.linear2.weight, module.linear2.bias]
+        if any(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules()):
+            return None
+    else:  # MultiheadAttention(query, key, value, key_padding_mask, need_weights, attn_mask, ...)
+        if len(args) != 3 or args[0] is not args[1] or args[1] is not args[2]:
+            return None
+        if kwargs.get("key_padding_mask") is not None or kwargs.get("attn_mask") is not None or kwargs.get("is_causal"):
+            return None
+        if set(kwargs) - {"need_weights", "average_attn_weights", "key_padding_mask", "attn_mask", "is_causal"}:
+            return None
+        src, attn = args[0], module
+        if not (isinstance(src, torch.Tensor) and src.dim() == 3 and not src.is_nested):
+            return None
+        if attn.in_proj_weight is None or attn.bias_k is not None or attn.bias_v is not None or attn.add_zero_attn:
+            return None
+        tensors = [src, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias]
+        if attn.in_proj_weight.dtype != src.dtype or (attn.in_proj_bias is not None
+                                                      and attn.in_proj_bias.dtype != src.dtype):
+            return None  # MultiheadAttention checks its input's dtype; the encoder layer does not
+    if attn.in_proj_bias is None or not attn.batch_first or not attn._qkv_same_embed_dim or attn.num_heads % 2:
+        return None
+    if any(t is not None and t.device.type not in ("cpu", "cuda", "xpu") for t in tensors):
+        return None
+    return src if _no_grad_needed(tensors) else None
+
+
+class _FastPathForward:
+    """An instance ``forward`` for a fast-path module while a precision context runs (see FAST_PATH_OPS)."""
+
+    def __init__(self, module: torch.nn.Module, mode: PrecisionFunctionMode) -> None:
+        self.module = module
+        self.mode = mode
+        self.thread = threading.get_ident()
+        self.op, self.label = FAST_PATH_OPS[type(module)]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module, mode = self.module, self.mode
+        forward = type(module).forward
+        src = _fast_path_input(module, args, kwargs) if threading.get_ident() == self.thread else None
+        if src is None or src.dtype not in FROM_TORCH or _busy() or mode.decider is None:
+            return forward(module, *args, **kwargs)
+        weight = module.in_proj_weight if isinstance(module, torch.nn.MultiheadAttention) else module.self_attn.in_proj_weight
+        origin = FROM_TORCH.get(weight.dtype)
+        if origin is None:
+            return forward(module, *args, **kwargs)
+        have = FROM_TORCH[src.dtype]
+        name = self.label if mode._names is None else mode._names.op_name(self.label)
+        d, why, _, _, _ = mode.decider.decide_node(name, self.op, origin, (have,), (True,), (origin,),
+                                                   producers=("its input",))
+        if mode.decider.problems:
+            mode.raise_problems()
+        if d not in TO_TORCH or (d == "float16" and not mode.native_fp16 and d != origin):
+            return forward(module, *args, **kwargs)  # emulated float16: the slow path, op by op
+        if d == origin and have != origin:  # the layer runs in its parameters' dtype: its input too
+            args = (src.to(weight.dtype),) + args[1:]
+        with torch._C.DisableTorchFunction(), torch.autocast(src.device.type, dtype=TO_TORCH[d], enabled=d != origin):
+            out = forward(module, *args, **kwargs)
+        if mode.record is not None:
+            mode.record.append(_OpRecord(self.label, self.op, d, why, _out_dtypes(out), name))
+        return out
+
+
+@contextmanager
+def _fast_paths(model: torch.nn.Module | None, mode: PrecisionFunctionMode) -> Iterator[None]:
+    """Route the fused fast paths of ``model``'s attention modules through the mode (FAST_PATH_OPS)."""
+    patched = []
+    if model is not None and mode.decider is not None:
+        for m in model.modules():
+            if type(m) in FAST_PATH_OPS and "forward" not in m.__dict__:
+                m.forward = _FastPathForward(m, mode)
+                patched.append(m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            m.__dict__.pop("forward", None)
 
 
 def decider_for(config: RunConfig) -> NodeDecider:
@@ -274,9 +502,16 @@ def precision(
                                  origin=FROM_TORCH.get(torch.get_default_dtype(), "float32"))
     saved = _busy()
     _state.busy = False
+    names = mode._names
+    if names is not None:
+        names.install()
     try:
-        with mode:
+        with _fast_paths(model, mode), mode:
             yield mode
+        if names is not None:
+            names.check_matched()
     finally:
+        if names is not None:
+            names.remove()
         mode.clear_cache()
         _state.busy = saved

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
-from precision_policy.backends.torch.eager import FROM_TORCH, TO_TORCH, decider_for, precision
+from precision_policy.backends.torch.eager import FROM_TORCH, TO_TORCH, ModulePaths, decider_for, precision
 from precision_policy.backends.torch.ops import module_op_type
 from precision_policy.backends.torch.scaler import LossScaler
 from precision_policy.config import RunConfig
@@ -36,8 +36,13 @@ log = logging.getLogger(__name__)
 
 
 def check_modules(model: torch.nn.Module, config: RunConfig) -> None:
-    """Raise PrecisionError, naming every module path and op type, for modules the mode cannot run."""
+    """Raise PrecisionError, naming every module path and op type, for modules the mode cannot run.
+
+    keep_dtype/customize_dtypes lines naming no module path of ``model`` raise OverrideError.
+    """
     decider = decider_for(config)
+    if decider.by_name:
+        ModulePaths(model, decider)  # keep_dtype/customize_dtypes names that are no module path: an error now
     for path, module in model.named_modules():
         op = module_op_type(module)
         if op is None:
