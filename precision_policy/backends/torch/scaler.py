@@ -4,6 +4,8 @@ Wraps one of the core's loss-scale state machines (any preset: torch, keras, asc
 mindspore). ``step`` returns whether the optimizer step was applied; a skipped step logs
 which parameters had non-finite gradients (also in :attr:`LossScaler.last_overflow`). Under
 ``torch.distributed`` the overflow flag is all-reduced, so every rank skips the same steps.
+Sharded gradients (``DTensor``, as FSDP2's ``fully_shard`` makes) are checked and unscaled
+through each rank's local shard; an overflow in any rank's shard skips the step on every rank.
 
 Example:
     >>> import torch
@@ -25,6 +27,8 @@ Example:
 from __future__ import annotations
 
 import logging
+import sys
+import weakref
 from typing import Any, Iterable
 
 import torch
@@ -34,6 +38,21 @@ from precision_policy.loss_scale import DynamicLossScale, FixedLossScale, from_c
 log = logging.getLogger(__name__)
 
 _READY, _UNSCALED, _STEPPED = "ready", "unscaled", "stepped"
+
+
+def _local(grad: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``grad``: the local shard of a DTensor (sharing its storage), else ``grad``.
+
+    The fused check-and-unscale and ``isfinite`` then run on plain tensors: no DTensor dispatch,
+    no implicit replication of the 1-element overflow flag (which warns on every step), and the
+    flag stays a plain tensor for the all-reduce. ``torch.distributed.tensor`` is looked up in
+    ``sys.modules`` only: a DTensor gradient cannot exist before that module was imported.
+    """
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is not None and isinstance(grad, dtensor.DTensor):
+        with torch.no_grad():
+            return grad.to_local()
+    return grad
 
 
 class LossScaler:
@@ -51,6 +70,7 @@ class LossScaler:
         state = loss_scale if isinstance(loss_scale, (DynamicLossScale, FixedLossScale)) else from_config(loss_scale)
         self.enabled = enabled and state is not None
         self.state = state if state is not None else FixedLossScale(1.0)
+        self._model = weakref.ref(model) if model is not None else None
         self._names: dict[int, str] = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
         self._per_optimizer: dict[int, dict[str, Any]] = {}
         self.last_overflow: list[str] = []
@@ -93,6 +113,8 @@ class LossScaler:
                 if grad.dtype == torch.float16:  # duplicates may sum past float16's range: coalesce first
                     p.grad = grad = grad.coalesce()
                 grad = grad._values()
+            else:
+                grad = _local(grad)  # a DTensor (FSDP2, tensor parallel): this rank's shard, in place
             groups.setdefault((grad.device, grad.dtype), []).append(grad)
             checked.append((g, k, p, grad))
         found_per_device: dict[torch.device, torch.Tensor] = {}
@@ -113,9 +135,23 @@ class LossScaler:
         bad: list[str] = []
         if found_inf and checked:  # rare: name the culprits (one more sync, on overflow steps only)
             finite = torch.stack([torch.isfinite(t).all().to(found.device) for *_, t in checked]).tolist()
+            self._refresh_names()
             bad = [self._names.get(id(p), f"param_groups[{g}][{k}]")
                    for (g, k, p, _), ok in zip(checked, finite) if not ok]
         info.update(stage=_UNSCALED, found_inf=found_inf, bad=bad)
+
+    def _refresh_names(self) -> None:
+        """Re-read the model's parameter names (on overflow steps only): its parameters may have been
+        replaced since this scaler was made (FSDP2's ``fully_shard`` swaps them for sharded DTensor
+        parameters; ``load_state_dict(assign=True)``, ``to_empty`` and ``.to()`` can too)."""
+        model = self._model() if self._model is not None else None
+        if model is not None:
+            self._names = {id(p): n for n, p in model.named_parameters()}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_model"] = None  # a weak reference cannot be pickled; the names read so far are kept
+        return state
 
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> bool:
         """Unscale if needed, then step ``optimizer`` unless a gradient overflowed; returns whether it stepped.
