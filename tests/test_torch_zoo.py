@@ -2,9 +2,8 @@
 
 Each model of ``torch_zoo.zoo()`` (random weights, small configs) runs under
 ``torch.autocast("cpu", bfloat16)`` and under our routes with the ``torch_autocast_cpu``
-library: the eager route must give every op autocast's dtypes and the same output; the FX
-route (where the model traces: the vision models; Hugging Face models need the torch.export
-capture, still to come) must too. ``prepare()`` then trains each model five steps in
+library: the eager route must give every op autocast's dtypes and the same output; the static
+route (torch.fx for the vision models, torch.export for the Hugging Face models) must too. ``prepare()`` then trains each model five steps in
 emulated float16 with its default loss scaler: finite losses, float32 parameters.
 """
 
@@ -21,8 +20,10 @@ pytest.importorskip("timm")
 pytest.importorskip("transformers")
 
 import precision_policy as pp  # noqa: E402
-from precision_policy.torch import apply, precision, prepare, trace_fx  # noqa: E402
+from precision_policy.backends.torch.export import ExportedPrecision  # noqa: E402
+from precision_policy.torch import apply, precision, prepare, trace  # noqa: E402
 from test_torch_backend import BF16_AUTOCAST, Observe  # noqa: E402
+from test_torch_export import assert_static_route_is_autocast  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -62,17 +63,24 @@ def test_eager_route_gives_every_op_autocasts_dtype(name, caplog):
 VISION = sorted(n for n in BUILDERS if not n.startswith("hf_"))
 
 
-@pytest.mark.parametrize("name", VISION)
+@pytest.mark.parametrize("name", sorted(BUILDERS))
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_fx_route_gives_every_op_autocasts_dtype(name, train, caplog):
+    """The static route: torch.fx traces the vision models, torch.export captures the Hugging Face
+    ones (FX cannot trace them); every op runs in autocast's dtype, outputs are autocast's."""
     caplog.set_level(logging.ERROR)
     torch.manual_seed(0)
     model, inputs = BUILDERS[name]()
     model.train(train)
-    traced = trace_fx(model, inputs["args"])
-    fx_model = apply(model, pp.plan(traced.graph, BF16_AUTOCAST), traced=traced)
+    graph = trace(model, inputs.get("args", ()), inputs.get("kwargs"))
+    static = apply(model, pp.plan(graph, BF16_AUTOCAST))
+    if name not in VISION:
+        assert isinstance(static, ExportedPrecision)  # ATen ops: compared at the dispatch level
+        assert_static_route_is_autocast(model, static, inputs)
+        return
+    assert isinstance(static, torch.fx.GraphModule)  # the vision models stay on the FX route
     ref_log, ref = run_logged(model, inputs, torch.autocast("cpu", torch.bfloat16))
-    log, out = run_logged(fx_model, inputs, torch.autocast("cpu", enabled=False))
+    log, out = run_logged(static, inputs, torch.autocast("cpu", enabled=False))
     assert log == ref_log
     torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=0)
 

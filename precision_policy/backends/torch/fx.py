@@ -8,6 +8,11 @@ the eager route sees. BatchNorm, InstanceNorm and Dropout modules stay whole (on
 so the rewritten module follows ``train()``/``eval()``; tracing leaves the model's buffers
 (running statistics, ``num_batches_tracked``) and the RNG state as they were.
 
+:func:`trace` tries this FX trace first and captures with ``torch.export`` where it fails
+(Hugging Face transformers models, keyword-only inputs...): see ``export.py``. Both give an
+OpGraph named by module paths, with the same op types for the same ops, and :func:`apply`
+rewrites either.
+
 Example:
     >>> import torch, precision_policy as pp
     >>> from precision_policy.torch import trace, apply
@@ -44,7 +49,8 @@ import torch.fx._symbolic_trace as _fx_trace
 from torch.utils._pytree import tree_flatten
 
 from precision_policy.backends.torch.eager import FROM_TORCH, TO_TORCH
-from precision_policy.backends.torch.ops import func_label, is_inplace, method_op_type, module_op_type, op_type_of
+from precision_policy.backends.torch.ops import (aten_is_inplace, aten_op_type, func_label, is_inplace, method_op_type,
+                                                 module_op_type, op_type_of)
 from precision_policy.errors import GraphError
 from precision_policy.graph import OpGraph
 from precision_policy.plan import CastPlan
@@ -290,18 +296,27 @@ def _tensor_leaves(value: Any) -> list[torch.Tensor]:
     return [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
 
 
-def trace_fx(model: torch.nn.Module, example_inputs: Sequence[Any]) -> TracedModel:
-    """Concrete-trace ``model`` on ``example_inputs`` and build its OpGraph (see the module docstring)."""
+def trace_fx(model: torch.nn.Module, example_inputs: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
+             ) -> TracedModel:
+    """Concrete-trace ``model`` on ``example_inputs`` (and keyword ``kwargs``, by the names of
+    ``forward``'s parameters) and build its OpGraph (see the module docstring)."""
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
+    kwargs = dict(kwargs or {})
     sig = inspect.signature(model.forward)
     params = [p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if len(example_inputs) > len(params):
         raise GraphError(f"{type(model).__name__}.forward takes {len(params)} positional input(s), "
                          f"{len(example_inputs)} example input(s) given")
-    concrete_args = {p.name: p.default for p in params[len(example_inputs):] if p.default is not inspect.Parameter.empty}
-    values = {p.name: v for p, v in zip(params, example_inputs)} | concrete_args
+    named = {p.name for p in params[len(example_inputs):]}
+    unknown = sorted(set(kwargs) - named)
+    if unknown:
+        raise GraphError(f"torch.fx traces {type(model).__name__}.forward's positional-or-keyword parameters only; "
+                         f"keyword input(s) {', '.join(unknown)} are not among them")
+    concrete_args = {p.name: p.default for p in params[len(example_inputs):]
+                     if p.name not in kwargs and p.default is not inspect.Parameter.empty}
+    values = {p.name: v for p, v in zip(params, example_inputs)} | kwargs | concrete_args
     tracer = _ConcreteTracer(model, values)
     try:
         with torch.no_grad(), _model_state_unchanged(model), _trace_through_fx_wrap():
@@ -373,6 +388,10 @@ def _to_opgraph(model: torch.nn.Module, graph: fx.Graph, concrete: dict[fx.Node,
             label = f"Tensor.{node.target}"
             op = method_op_type(node.target)
             inplace = is_inplace(node.target)
+        elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):  # torch.export
+            label = str(node.target)
+            op = aten_op_type(node.target)
+            inplace = aten_is_inplace(node.target)
         elif node.op == "call_function":
             label = func_label(node.target)
             op = COMPARISON_OPERATORS.get(node.target) or op_type_of(node.target)
@@ -428,38 +447,117 @@ def _dtype_follows_a_tensor(node: fx.Node) -> bool:
 _TRACES: "weakref.WeakKeyDictionary[OpGraph, TracedModel]" = weakref.WeakKeyDictionary()
 
 
-def trace(model: torch.nn.Module, example_inputs: Sequence[Any]) -> OpGraph:
-    """The model's OpGraph: op types from the torch alias table, node names from module paths."""
-    traced = trace_fx(model, example_inputs)
-    _TRACES[traced.graph] = traced
-    return traced.graph
+def trace(model: torch.nn.Module, example_inputs: Sequence[Any] = (), kwargs: dict[str, Any] | None = None, *,
+          route: str = "auto") -> OpGraph:
+    """The model's OpGraph: op types from the torch alias table, node names from module paths.
+
+    ``route="auto"`` traces with torch.fx (:func:`trace_fx`: torch calls, leaf BatchNorm and
+    Dropout modules) and, where FX fails (Hugging Face models...), captures with torch.export
+    (:func:`~precision_policy.backends.torch.export.trace_export`: ATen ops). ``"fx"`` and
+    ``"export"`` force one. A model neither can capture gives a GraphError that names it and
+    points to the eager route.
+
+    Example:
+        >>> import torch
+        >>> g = trace(torch.nn.Linear(4, 2), kwargs={"input": torch.randn(3, 4)}, route="export")
+        >>> [(n.name, n.op_type, n.attrs["torch"]) for n in g if n.op_type == "MatMulV2"]
+        [('linear', 'MatMulV2', 'aten.linear.default')]
+    """
+    traced: Any
+    if route not in ("auto", "fx", "export"):
+        raise ValueError(f"route must be 'auto', 'fx' or 'export', not {route!r}")
+    if route == "export":
+        from precision_policy.backends.torch.export import trace_export
+
+        traced = trace_export(model, example_inputs, kwargs)
+        graph = traced.traced.graph
+    else:
+        try:
+            traced = trace_fx(model, example_inputs, kwargs)
+            graph = traced.graph
+        except GraphError as fx_error:
+            if route == "fx":
+                raise
+            from precision_policy.backends.torch.export import trace_export
+
+            log.info("torch.fx could not trace %s, capturing it with torch.export: %s", type(model).__name__, fx_error)
+            try:
+                traced = trace_export(model, example_inputs, kwargs)
+            except GraphError as export_error:
+                fx_reason = str(fx_error).split(". Use the eager route")[0]
+                raise GraphError(f"{type(model).__name__} could not be traced: {fx_reason}; and {export_error}") from None
+            graph = traced.traced.graph
+    _TRACES[graph] = traced
+    return graph
 
 
 def apply(model: torch.nn.Module, plan: CastPlan, example_inputs: Sequence[Any] | None = None, *,
-          native_fp16: bool | None = None, traced: TracedModel | None = None) -> fx.GraphModule:
+          kwargs: dict[str, Any] | None = None, native_fp16: bool | None = None, traced: Any = None,
+          config: Any = None) -> torch.nn.Module:
     """Rewrite ``model`` so that every op runs in the dtype ``plan`` gives it.
 
     Casts go where the plan puts them, one per (tensor, dtype); parameters stay float32
     masters and their low-precision copies are made once per forward. float16 is emulated
     (float16 storage, float32 compute) unless ``native_fp16=True`` (default: what the plan says).
+
+    The graph is the one :func:`trace` made the plan's graph from (or ``traced=``), else
+    ``model`` is traced again on ``example_inputs``/``kwargs``. An FX trace gives an
+    ``fx.GraphModule``; a torch.export capture an
+    :class:`~precision_policy.backends.torch.export.ExportedPrecision`, which captures and plans
+    again (with ``config``, by default the plan's own settings) for the other of
+    ``train()``/``eval()`` and for new input shapes.
     """
+    from precision_policy.backends.torch.export import ExportedPrecision, ExportTrace
+
     if native_fp16 is None:
         native_fp16 = plan.config.get("float16") == "native"
-    if traced is None and example_inputs is None and plan.graph is not None:
+    if traced is None and example_inputs is None and kwargs is None and plan.graph is not None:
         traced = _TRACES.get(plan.graph)
-        if traced is not None and traced.module is not model:
+        if traced is not None and (traced.traced if isinstance(traced, ExportTrace) else traced).module is not model:
             traced = None
     if traced is None:
-        if example_inputs is None:
+        if example_inputs is None and kwargs is None:
             raise GraphError("apply() needs the example_inputs the plan was traced with (or traced=...)")
-        traced = trace_fx(model, example_inputs)
-    if plan.graph is not None and plan.graph.node_names != traced.graph.node_names:
+        graph = trace(model, example_inputs or (), kwargs)
+        traced = _TRACES[graph]
+    inner = traced.traced if isinstance(traced, ExportTrace) else traced
+    if plan.graph is not None and plan.graph.node_names != inner.graph.node_names:
         raise GraphError("the plan was made for another graph than this model traces to; re-plan with trace(model, ...)")
+    if isinstance(traced, ExportTrace):
+        return ExportedPrecision(model, traced, plan, config if config is not None else _config_of(plan), native_fp16)
+    graph = _rewrite(traced, plan, native_fp16)
+    gm = fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Precision")
+    return gm
+
+
+def _config_of(plan: CastPlan) -> Any:
+    """The RunConfig a plan was made with, from its ``config`` summary (to plan recaptures alike)."""
+    from precision_policy.config import RunConfig
+
+    c = dict(plan.config)
+    settings: dict[str, Any] = {k: c[k] for k in ("precision_mode", "op_info", "modify_mixlist", "keep_dtype",
+                                                   "customize_dtypes", "keep_output_dtype", "gray_disagreement")
+                                if k in c}
+    settings["native_fp16"] = c.get("float16") == "native"
+    settings["use_env_lists"] = False
+    return RunConfig(**settings)
+
+
+def _rewrite(traced: TracedModel, plan: CastPlan, native_fp16: bool, per_use: bool = False) -> fx.Graph:
+    """A copy of the traced graph with the plan's casts in (the trace stays reusable).
+
+    A parameter (``get_attr``) is cast once per (tensor, dtype), as autocast's cast cache does.
+    With ``per_use``, any other tensor is cast once per op that takes it, as autocast does: then
+    the gradients of the casts are cast back and summed in float32, as under autocast (one
+    shared bfloat16 cast would sum its consumers' gradients in bfloat16); and every cast goes
+    just before the (first) op that takes it, as autocast makes it, so that backward sums a
+    tied weight's gradients in autocast's order.
+    """
     graph = fx.Graph()
     remap: dict[fx.Node, fx.Node] = {}
-    graph.output(graph.graph_copy(traced.fx_graph, remap))  # the trace stays reusable
+    graph.output(graph.graph_copy(traced.fx_graph, remap))
     concrete = {remap[n]: v for n, v in traced.concrete.items() if n in remap}
-    traced = TracedModel(model, graph, concrete, traced.graph,
+    traced = TracedModel(traced.module, graph, concrete, traced.graph,
                          {remap[n]: r for n, r in traced.tensor_of.items()},
                          {remap[n]: r for n, r in traced.op_node.items()})
     tensor_of = dict(traced.tensor_of)  # grows with the rounding casts of emulated float16 outputs
@@ -467,10 +565,11 @@ def apply(model: torch.nn.Module, plan: CastPlan, example_inputs: Sequence[Any] 
     casts: dict[tuple[fx.Node, torch.dtype], fx.Node] = {}
 
     def cast(src: fx.Node, dt: torch.dtype, before: fx.Node) -> fx.Node:
-        key = (src, dt)
+        shared = not per_use or src.op == "get_attr"
+        key = (src, dt) if shared else (src, dt, before)
         hit = casts.get(key)
         if hit is None:
-            with graph.inserting_after(src):
+            with graph.inserting_before(before) if per_use else graph.inserting_after(src):
                 hit = graph.call_method("to", (src, dt))
             casts[key] = hit
         return hit
@@ -518,8 +617,7 @@ def apply(model: torch.nn.Module, plan: CastPlan, example_inputs: Sequence[Any] 
                 leaves[k] = cast(leaf, TO_TORCH[fetch_casts[ref]], out)
         out.args = tuple(torch.utils._pytree.tree_unflatten(leaves, spec))
     graph.lint()
-    gm = fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Precision")
-    return gm
+    return graph
 
 
 def _planned_dtype(plan: CastPlan, index: dict[str, int], ref: str) -> str:

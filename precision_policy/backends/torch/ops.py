@@ -12,6 +12,12 @@ Example:
     ('Conv2D', 'Add', None)
     >>> op_type_of(torch.special.i0e)
     'torch:torch.special.special_i0e'
+
+ATen ops, as ``torch.export`` records them, resolve to the same op types (see :func:`aten_op_type`):
+
+    >>> from precision_policy.backends.torch.ops import aten_op_type
+    >>> aten_op_type(torch.ops.aten.linear.default), aten_op_type(torch.ops.aten.add.Tensor)
+    ('MatMulV2', 'Add')
 """
 
 from __future__ import annotations
@@ -198,3 +204,107 @@ def func_label(func: Any) -> str:
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
     mod = _C_MODULES.get(mod, mod)
     return f"{mod}.{name}" if mod else name
+
+
+#: ATen ops that only read or assert metadata, or alias their input: never ops, never in a graph.
+ATEN_METADATA: frozenset[str] = frozenset(
+    {
+        "sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "_assert_tensor_metadata", "_assert_scalar",
+        "_assert_async", "_local_scalar_dense", "detach", "detach_", "_functional_assert_async", "_print",
+        "sym_constrain_range", "sym_constrain_range_for_size", "_make_dep_token",
+    }
+)
+
+#: ATen ops whose name is not the torch function's name: the op type is that function's.
+ATEN_FUNCTION_NAMES: dict[str, str] = {
+    "cross_entropy_loss": "torch.nn.functional.cross_entropy",
+    "nll_loss_nd": "torch.nn.functional.nll_loss",
+    "native_dropout": "torch.nn.functional.dropout",
+    "feature_dropout": "torch.nn.functional.dropout2d",
+    "alpha_dropout": "torch.nn.functional.alpha_dropout",
+    "feature_alpha_dropout": "torch.nn.functional.feature_alpha_dropout",
+    "_unsafe_view": "Tensor.view",
+}
+
+
+def _aten_name(op: Any) -> str:
+    """``aten.add.Tensor`` -> ``add`` (the overload packet's name, without namespace or overload)."""
+    schema = getattr(op, "_schema", None)
+    if schema is not None:
+        return str(schema.name).split("::", 1)[-1]
+    return str(getattr(op, "__name__", op)).split(".")[0]
+
+
+def aten_is_inplace(op: Any) -> bool:
+    """Whether an ATen op writes into one of its inputs (``aten.add_.Tensor``, ``aten.copy_``):
+    as every in-place call, not an op; its result is the tensor it wrote.
+
+    Example:
+        >>> import torch
+        >>> aten_is_inplace(torch.ops.aten.masked_fill_.Scalar), aten_is_inplace(torch.ops.aten.masked_fill.Scalar)
+        (True, False)
+    """
+    schema = getattr(op, "_schema", None)
+    return is_inplace(_aten_name(op)) or bool(schema is not None and schema.is_mutable)
+
+
+@lru_cache(maxsize=None)
+def aten_op_type(op: Any) -> str | None:
+    """Canonical op type of an ATen op (an ``OpOverload`` such as ``torch.ops.aten.linear.default``).
+
+    Looked up, overload stripped, in the alias table's ``aten`` section (which covers every op of
+    autocast's CPU lists), then as the torch function or Tensor method of the same name
+    (``torch.nn.functional.<name>``, ``torch.<name>``, ``Tensor.<name>``: what the FX route and the
+    eager route see, so an op is white, black or gray in every route alike). None for metadata
+    and in-place ops; ``"torch:torch.<name>"`` (as :func:`op_type_of` names it) for an unmapped op.
+
+    Example:
+        >>> import torch
+        >>> aten_op_type(torch.ops.aten.cross_entropy_loss.default), aten_op_type(torch.ops.aten.sym_size.int)
+        ('CrossEntropyLoss', None)
+        >>> aten_op_type(torch.ops.aten.arange.default) == op_type_of(torch.arange)
+        True
+    """
+    name = _aten_name(op)
+    if name in ATEN_METADATA or aten_is_inplace(op):
+        return None
+    table = alias_table()
+    found = table.get("aten", {}).get(f"aten::{name}")
+    if found is not None:
+        return found
+    funcs, methods = table.get("functions", {}), table.get("methods", {})
+    alias = ATEN_FUNCTION_NAMES.get(name)
+    for path in ([alias] if alias else []) + [f"torch.nn.functional.{name}", f"torch.{name}", f"Tensor.{name}"]:
+        found = funcs.get(path) or methods.get(path)
+        if found is not None:
+            return found
+    if hasattr(torch, name):
+        return op_type_of(getattr(torch, name))
+    if hasattr(torch.Tensor, name):
+        return method_op_type(name)
+    return f"{UNMAPPED_PREFIX}aten.{name}"
+
+
+def aten_disagreements() -> list[tuple[str, str, str, str]]:
+    """ATen names whose alias-table type differs from the type of the torch function or Tensor
+    method of the same name, as (aten name, its type, function path, its type). Empty: an op is
+    white, black or gray alike whether a route records it as a torch call or as an ATen op.
+
+    Example:
+        >>> aten_disagreements()
+        []
+    """
+    table = alias_table()
+    out = []
+    for key, op in table.get("aten", {}).items():
+        name = key.split("::", 1)[-1]
+        for path in (f"torch.nn.functional.{name}", f"torch.{name}", f"Tensor.{name}"):
+            other = table.get("functions", {}).get(path) or table.get("methods", {}).get(path)
+            if other is not None and other != op:
+                out.append((name, op, path, other))
+    for name, path in ATEN_FUNCTION_NAMES.items():
+        op = aten_op_type(getattr(torch.ops.aten, name).default)
+        other = table.get("functions", {}).get(path) or table.get("methods", {}).get(path)
+        if other is not None and other != op:
+            out.append((name, str(op), path, other))
+    return out
