@@ -281,3 +281,36 @@ def test_zero_dim_parameter_does_not_vote():
     y = apply(model, plan)(h)
     assert y.dtype == y_ref.dtype == torch.bfloat16
     torch.testing.assert_close(y, y_ref)
+
+
+def test_training_branches_in_helpers_follow_train_and_eval_after_the_rewrite():
+    """torchvision's stochastic_depth and a functional F.dropout(x, p, self.training) branch on the
+    flag in Python: traced in train mode, the rewrite must still stop dropping in eval."""
+    torch_zoo = pytest.importorskip("torch_zoo")
+    tv = torch_zoo.import_torchvision()
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+            self.sd = tv.ops.StochasticDepth(0.5, "row")
+
+        def forward(self, x):
+            y = torch.nn.functional.dropout(self.lin(x), 0.5, self.training)
+            return x + self.sd(y)
+
+    torch.manual_seed(0)
+    model = Block().train()
+    x = torch.randn(16, 8)
+    traced = trace_fx(model, (x,))
+    gm = apply(model, pp.plan(traced.graph, precision_mode="allow_mix_precision_bf16", op_info="torch_autocast_cpu",
+                              use_env_lists=False), traced=traced).eval()
+    model.eval()
+    with torch.autocast("cpu", torch.bfloat16):
+        ref = model(x)
+    assert torch.equal(gm(x), gm(x)) and torch.equal(gm(x), ref)
+    gm.train()
+    torch.manual_seed(1)
+    a = gm(x)
+    torch.manual_seed(2)
+    assert not torch.equal(a, gm(x))  # dropping again in train mode

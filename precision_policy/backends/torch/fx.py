@@ -39,6 +39,7 @@ import contextlib
 import inspect
 import logging
 import operator
+import sys
 import weakref
 from typing import Any, Iterator, Sequence
 
@@ -59,6 +60,39 @@ log = logging.getLogger(__name__)
 
 #: Functions kept whole (one op in the graph) instead of traced through.
 LEAF_FUNCTIONS = (F.multi_head_attention_forward,)
+
+#: Functions that branch in Python on a ``training`` argument (``if not training: return x``) and
+#: are called with the calling module's flag, by the module that imports them. Traced through,
+#: the branch of the trace-time mode would be frozen into the graph; kept whole, with ``training``
+#: read from the module when the rewrite runs, they follow ``train()``/``eval()``. Each is
+#: (module name, function name); only those already imported are used (nothing is imported).
+TRAINING_LEAF_FUNCTIONS = (
+    ("torchvision.ops.stochastic_depth", "stochastic_depth"),
+    ("timm.layers.drop", "drop_path"),
+)
+
+#: torch functions called as ``F.dropout(x, p, self.training)`` in a forward: their ``training``
+#: argument is bound to the calling module's flag too (they are traced as one call anyway).
+TRAINING_ARGUMENT_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                               F.feature_alpha_dropout)
+
+
+def _training_leaf_functions() -> tuple[Any, ...]:
+    found = []
+    for module_name, name in TRAINING_LEAF_FUNCTIONS:
+        fn = getattr(sys.modules.get(module_name), name, None)
+        if callable(fn):
+            found.append(fn)
+    return tuple(found)
+
+
+def _training_position(fn: Any) -> int | None:
+    """Index of ``fn``'s positional parameter named ``training`` (None if it has none)."""
+    try:
+        params = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return None
+    return params.index("training") if "training" in params else None
 
 #: Modules kept whole (``call_module`` nodes): their forward reads ``self.training`` and updates
 #: running statistics when it runs, so the rewritten module follows ``train()``/``eval()``
@@ -168,7 +202,8 @@ class _ConcreteProxy(fx.Proxy):
 
 class _ConcreteTracer(fx.Tracer):
     def __init__(self, root: torch.nn.Module, inputs: dict[str, Any]) -> None:
-        super().__init__(autowrap_functions=LEAF_FUNCTIONS)
+        self._training_leaves = _training_leaf_functions()
+        super().__init__(autowrap_functions=LEAF_FUNCTIONS + self._training_leaves)
         self.root_module = root
         self._inputs = inputs  # forward's parameter name -> example value (or default)
         self.concrete: dict[fx.Node, Any] = {}
@@ -207,18 +242,24 @@ class _ConcreteTracer(fx.Tracer):
         return self.concrete[a]
 
     def _follow_training(self, target: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """``F.multi_head_attention_forward(..., training=self.training)``: read the calling
-        module's flag when the rewrite runs, so attention dropout follows ``train()``/``eval()``."""
-        if target not in LEAF_FUNCTIONS or not self.module_stack:
+        """``F.multi_head_attention_forward(..., training=self.training)``, ``stochastic_depth(x, p,
+        mode, self.training)``, ``F.dropout(x, p, self.training)``: read the calling module's flag
+        when the rewrite runs, so they follow ``train()``/``eval()``."""
+        if not (target in LEAF_FUNCTIONS or target in self._training_leaves
+                or target in TRAINING_ARGUMENT_FUNCTIONS):
             return args, kwargs
-        path = list(self.module_stack.values())[-1][0]
+        path = list(self.module_stack.values())[-1][0] if self.module_stack else ""  # "": the root's forward
         try:
             flag = self.root_module.get_submodule(path).training
         except AttributeError:
             return args, kwargs
+        attr = f"{path}.training" if path else "training"
         if kwargs.get("training") is flag:
-            attr = f"{path}.training" if path else "training"
             kwargs = {**kwargs, "training": self.create_proxy("get_attr", attr, (), {})}
+            return args, kwargs
+        k = _training_position(target)
+        if k is not None and k < len(args) and args[k] is flag:
+            args = args[:k] + (self.create_proxy("get_attr", attr, (), {}),) + args[k + 1:]
         return args, kwargs
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
@@ -342,6 +383,7 @@ def _to_opgraph(model: torch.nn.Module, graph: fx.Graph, concrete: dict[fx.Node,
     op_node: dict[fx.Node, str] = {}
     used: dict[str, int] = {}
     first_op_in: set[str] = set()
+    training_leaves = _training_leaf_functions()
 
     def unique(name: str) -> str:
         if name not in used and name not in og:
@@ -395,6 +437,8 @@ def _to_opgraph(model: torch.nn.Module, graph: fx.Graph, concrete: dict[fx.Node,
         elif node.op == "call_function":
             label = func_label(node.target)
             op = COMPARISON_OPERATORS.get(node.target) or op_type_of(node.target)
+            if node.target in training_leaves:
+                op = None  # stochastic depth: the input, or the input times a mask of its own dtype
             inplace = is_inplace(getattr(node.target, "__name__", "")) or (
                 node.target in INPLACE_OPERATORS and bool(leaves) and leaves[0] is node.args[0]
                 and isinstance(concrete.get(node.args[0]), torch.Tensor))
