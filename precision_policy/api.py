@@ -32,19 +32,30 @@ def plan(graph: OpGraph | str | Path, config: RunConfig | None = None, **setting
     """Plan ``graph`` (an OpGraph or a graph JSON path) under ``config``.
 
     Keyword settings build a RunConfig when none is given:
-    ``plan(g, precision_mode="force_fp16", op_info="ascend910")``.
+    ``plan(g, precision_mode="force_fp16", op_info="ascend910")``, and override ``config``'s
+    settings when one is; an unknown keyword is a :class:`~precision_policy.errors.ConfigError`
+    either way.
 
     Example:
         >>> import precision_policy as pp
         >>> p = pp.plan("examples/graphs/conv2d_bias_relu.json", precision_mode="allow_mix_precision")
         >>> p["myConv"].dtype
         'float16'
+        >>> pp.plan("examples/graphs/conv2d_bias_relu.json", pp.RunConfig(), precison_mode="force_fp16")
+        Traceback (most recent call last):
+        ...
+        precision_policy.errors.ConfigError: RunConfig.precison_mode: unknown setting; did you mean 'precision_mode'? ...
     """
     if config is None:
         config = RunConfig(**settings)  # type: ignore[arg-type]
     elif settings:
-        config = config.model_copy(update=settings)
-        config = RunConfig(**config.model_dump())
+        # validated as a whole, as a new RunConfig: a misspelt keyword is a ConfigError naming the closest
+        # setting (model_copy(update=...) would drop it silently and plan with the config unchanged)
+        base = config.model_dump(exclude_unset=True)
+        if {"precision_mode", "precision_mode_v2"} & settings.keys():  # a mode given here replaces the config's
+            base.pop("precision_mode", None)
+            base.pop("precision_mode_v2", None)
+        config = RunConfig(**{**base, **settings})  # type: ignore[arg-type]
     if not isinstance(graph, OpGraph):
         graph = load_graph(graph)
     library = config.library()

@@ -102,14 +102,17 @@ def _config(args: argparse.Namespace):
 
 #: Loggers whose warnings describe the model being read (function calls left unconverted, ...).
 _MODEL_LOGGERS = ("precision_policy.backends.tensorflow",)
+#: Loggers whose warnings describe a file being written (a hard link broken, an owner not kept).
+_WRITE_LOGGERS = ("precision_policy.fileio",)
 
 
 class _Collect(logging.Handler):
     """Collects the model warnings the TensorFlow backend logs, so the command can print them for people."""
 
-    def __init__(self, verbose: bool) -> None:
+    def __init__(self, verbose: bool, loggers: Sequence[str] = _MODEL_LOGGERS) -> None:
         super().__init__(logging.WARNING)
         self.verbose = verbose
+        self.loggers = tuple(loggers)
         self.messages: list[str] = []
         self._saved: list[tuple[logging.Logger, int, bool]] = []
 
@@ -117,7 +120,7 @@ class _Collect(logging.Handler):
         self.messages.append(record.getMessage())
 
     def __enter__(self) -> "_Collect":
-        for name in _MODEL_LOGGERS:
+        for name in self.loggers:
             logger = logging.getLogger(name)
             self._saved.append((logger, logger.level, logger.propagate))
             logger.setLevel(logging.WARNING)
@@ -151,7 +154,9 @@ def _plan(args: argparse.Namespace):
 def cmd_plan(args: argparse.Namespace) -> int:
     p = _plan(args)
     if args.output:
-        p.to_json(args.output)
+        with _Collect(args.verbose, _WRITE_LOGGERS) as notes:
+            p.to_json(args.output)
+        notes.print_to_stderr()
     if args.json:
         sys.stdout.write(p.to_json())
         return EXIT_OK
@@ -204,7 +209,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def _edit(args: argparse.Namespace, flag: str | None) -> int:
     from precision_policy.opinfo.edit import set_flag
 
-    result = set_flag(args.op_info, args.op, flag)
+    with _Collect(args.verbose, _WRITE_LOGGERS) as notes:
+        result = set_flag(args.op_info, args.op, flag)
+    notes.print_to_stderr()
     names = {"true": "white (true)", "false": "black (false)", None: "gray (no flag)"}
     if args.json:
         _print_json({"file": str(result.file), "op": result.op, "old_flag": result.old_flag, "new_flag": result.new_flag,
@@ -239,7 +246,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_USAGE
     config = _config(args)
-    with _Collect(args.verbose) as notes:  # the result carries the model's warnings; the backend may log more
+    with _Collect(args.verbose, _MODEL_LOGGERS + _WRITE_LOGGERS) as notes:  # the backend may log more than the result carries
         result = convert_model(args.src, args.dst, config, tags=args.tags.split(",") if args.tags else None)
     plan = result.plan
     warnings = list(result.warnings) + [m for m in notes.messages if m not in result.warnings]

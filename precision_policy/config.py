@@ -10,6 +10,10 @@ Example:
     ('allow_mix_precision', 'float16')
     >>> RunConfig(precision_mode_v2="mixed_bfloat16").mode.name
     'allow_mix_precision_bf16'
+    >>> RunConfig(precison_mode="force_fp16")
+    Traceback (most recent call last):
+    ...
+    precision_policy.errors.ConfigError: RunConfig.precison_mode: unknown setting; did you mean 'precision_mode'? ...
 """
 
 from __future__ import annotations
@@ -33,6 +37,16 @@ from precision_policy.opinfo.overrides import (
 )
 
 DEFAULT_OP_INFO = "ascend910"
+
+
+def unknown_setting_message(name: str) -> str:
+    """'unknown setting; did you mean ...?' for a keyword RunConfig does not have."""
+    import difflib
+
+    valid = list(RunConfig.model_fields)
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown setting; {hint}valid settings: {', '.join(valid)}"
 
 
 class RunConfig(BaseModel):
@@ -82,8 +96,7 @@ class RunConfig(BaseModel):
             if msg.startswith("Value error, "):
                 msg = msg[len("Value error, "):]
             if err.get("type") == "extra_forbidden":
-                valid = ", ".join(RunConfig.model_fields)
-                msg = f"unknown setting; valid settings: {valid}"
+                msg = unknown_setting_message(where)
             raise ConfigError(f"RunConfig.{where}: {msg}") from None
 
     @field_validator("precision_mode")
@@ -105,6 +118,9 @@ class RunConfig(BaseModel):
     def _library_exists(cls, value: Union[str, Path]) -> Union[str, Path]:
         from precision_policy.opinfo.library import resolve_library_path
 
+        if isinstance(value, str) and not value.strip():  # Path("") is the current folder: never what was meant
+            raise ValueError(f"is empty; name an op-info file, folder or shipped library "
+                             f"(the default is {DEFAULT_OP_INFO!r}; leave op_info out to use it)")
         resolve_library_path(value)  # a typo fails here, naming the shipped libraries
         return value
 

@@ -505,13 +505,17 @@ def test_crash_mid_write_leaves_old_file_intact(lib_copy: Path):
     assert lib_copy.read_bytes() == before
     assert "precision_reduce" not in json.loads(lib_copy.read_text(encoding="utf-8"))["BiasAdd"]
     ok(cli("validate", lib_copy))
-    # the crash really happened mid-edit: the abandoned temp file holds the new text
-    leftovers = [p for p in lib_copy.parent.iterdir() if p.name != lib_copy.name]
-    assert len(leftovers) == 1 and leftovers[0].name.startswith(f".{lib_copy.name}.")
-    assert json.loads(leftovers[0].read_text(encoding="utf-8"))["BiasAdd"]["precision_reduce"] == {"flag": "false"}
-    # and the CLI still edits the intact file afterwards
+    # the crash really happened mid-edit: the abandoned temp file holds the new text (and the lock file stays)
+    leftovers = sorted(p.name for p in lib_copy.parent.iterdir() if p.name != lib_copy.name)
+    temps = [n for n in leftovers if n.endswith(".pp-tmp")]
+    assert len(temps) == 1 and temps[0].startswith(f".{lib_copy.name}."), leftovers
+    assert set(leftovers) - set(temps) <= {f".{lib_copy.name}.lock"}
+    temp = lib_copy.parent / temps[0]
+    assert json.loads(temp.read_text(encoding="utf-8"))["BiasAdd"]["precision_reduce"] == {"flag": "false"}
+    # and the CLI still edits the intact file afterwards, removing what the crash left behind
     ok(cli("pin", "BiasAdd", "--op-info", lib_copy))
     assert json.loads(lib_copy.read_text())["BiasAdd"]["precision_reduce"] == {"flag": "false"}
+    assert sorted(p.name for p in lib_copy.parent.iterdir()) == [lib_copy.name]
 
 
 def test_plan_output_into_missing_folder_is_usage_error(tmp_path: Path):
@@ -686,3 +690,130 @@ def test_convert_graphdef_to_a_folder_is_a_usage_error(tmp_path: Path):
     err = fails(cli("convert", pb, tmp_path / "folder"), 2)
     assert "converts to a .pb or .pbtxt file" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gray.pb"]
+
+
+# ---------------------------------------------------------------------- issue 10: edits never lose data
+def cli_in_process(capsys: pytest.CaptureFixture, *args: str | Path) -> subprocess.CompletedProcess:
+    """``main(ARGS)`` in this process (a subprocess adds nothing here); any exception it lets out fails the test."""
+    from precision_policy.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out.out, out.err)
+
+
+_DUPLICATE_OP = (
+    '{\n'
+    '    "Relu": {"op": {"pattern": "x"}},\n'
+    '    "Add": {"op": {"pattern": "x"}},\n'
+    '    "Relu": {"precision_reduce": {"flag": "false"}}\n'
+    '}\n'
+)
+
+
+def test_duplicate_op_in_one_file_is_an_error_naming_both_lines(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """Before: validate said OK, unpin reported a change it did not make, pin crashed with StopIteration."""
+    lib = tmp_path / "ops.json"
+    lib.write_text(_DUPLICATE_OP)
+    for args in (("validate", lib), ("pin", "Relu", "--op-info", lib), ("unpin", "Relu", "--op-info", lib),
+                 ("set-flag", "Relu", "true", "--op-info", lib), ("pin", "Add", "--op-info", lib),
+                 ("pin", "Relu", "--op-info", lib, "--json")):
+        proc = cli_in_process(capsys, *args)
+        err = fails(proc, 2)
+        assert f"{lib}:4:" in err and "'Relu'" in err and "lines 2 and 4" in err, err
+        assert proc.stdout == ""
+    assert lib.read_text() == _DUPLICATE_OP and sorted(os.listdir(tmp_path)) == ["ops.json"]
+
+
+def test_duplicate_field_inside_an_entry_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture):
+    lib = tmp_path / "ops.json"
+    lib.write_text('{"Relu": {"precision_reduce": {"flag": "false"},\n'
+                   '          "precision_reduce": {"flag": "true"}}}\n')
+    err = fails(cli_in_process(capsys, "validate", lib), 2)
+    assert "op 'Relu'" in err and "precision_reduce" in err and "lines 1 and 2" in err
+    fails(cli_in_process(capsys, "unpin", "Relu", "--op-info", lib), 2)
+    plan_err = fails(cli_in_process(capsys, "plan", CONV, "--op-info", lib), 2)
+    assert "lines 1 and 2" in plan_err
+
+
+@pytest.mark.parametrize("flag_json", ['{"a": 1}', '["false"]', "NaN", "Infinity", "3"])
+def test_pin_over_a_non_text_flag_is_a_typed_error(tmp_path: Path, flag_json: str, capsys: pytest.CaptureFixture):
+    """Before: 'unhashable type: dict' traceback; --json printed NaN, which is not JSON."""
+    lib = tmp_path / "ops.json"
+    text = '{\n    "Relu": {"precision_reduce": {"flag": %s}},\n    "Add": {}\n}\n' % flag_json
+    lib.write_text(text)
+    for args in (("pin", "Relu"), ("pin", "Relu", "--json"), ("unpin", "Relu", "--json"), ("set-flag", "Relu", "true")):
+        proc = cli_in_process(capsys, *args, "--op-info", lib)
+        err = fails(proc, 2)
+        assert "op 'Relu'" in err and "precision_reduce.flag" in err and str(lib) in err, err
+        assert proc.stdout == ""  # in particular no NaN pretending to be JSON
+    assert lib.read_text() == text
+
+
+def test_plan_with_an_empty_op_info_is_a_usage_error(capsys: pytest.CaptureFixture):
+    """Before: an empty --op-info planned with the current folder as the library."""
+    err = fails(cli_in_process(capsys, "plan", CONV, "--op-info", ""), 2)
+    assert "op_info" in err and "empty" in err
+    err = fails(cli_in_process(capsys, "validate", ""), 2)
+    assert "empty" in err
+
+
+def test_pin_through_a_symlink_edits_the_target_and_keeps_the_link(lib_copy: Path, tmp_path: Path):
+    lib_copy.chmod(0o644)
+    link = tmp_path / "link.json"
+    link.symlink_to(lib_copy)
+    ok(cli("pin", "BiasAdd", "--op-info", link))
+    assert link.is_symlink()
+    assert json.loads(lib_copy.read_text())["BiasAdd"]["precision_reduce"] == {"flag": "false"}
+    assert stat.S_IMODE(lib_copy.stat().st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([lib_copy.name, "link.json"])
+
+
+def test_plan_output_gets_the_umask_mode(tmp_path: Path):
+    out = tmp_path / "plan.json"
+    proc = subprocess.run(["sh", "-c", 'umask 022 && exec "$@"', "sh", sys.executable, "-m", "precision_policy",
+                           "plan", str(CONV), "-o", str(out)], capture_output=True, text=True, cwd=REPO, env=_env(),
+                          timeout=120)
+    ok(proc)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
+
+
+@pytest.mark.slow
+def test_convert_writes_through_symlinks_keeps_mode_and_cleans_crash_leftovers(tmp_path: Path):
+    """The TF converter writes through fileio: a .pb output over a symlink keeps the link and the target's
+    mode; a SavedModel output removes the temporary folders a crashed conversion left beside it."""
+    models = _tf_models()
+    pb = _gray_pb(tmp_path / "gray.pb")
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "model.pb").write_bytes(b"old")
+    (real / "model.pb").chmod(0o644)
+    link = tmp_path / "model_bf16.pb"
+    link.symlink_to(real / "model.pb")
+    bf16 = ("--mode", "mixed_bfloat16", "--op-info", "tf_amp_bf16")
+    ok(cli("convert", pb, link, *bf16))
+    assert link.is_symlink() and (real / "model.pb").read_bytes() != b"old"
+    assert stat.S_IMODE((real / "model.pb").stat().st_mode) == 0o644
+    assert sorted(os.listdir(real)) == ["model.pb"]
+
+    src = tmp_path / "src"
+    src.mkdir()
+    paths = models.inverse_models(src)
+    out = tmp_path / "saved"
+    for leftover in (".saved.0badc0de.pp-tmp", ".saved.k2j_x9zq.tmp"):  # ours, and tempfile.mkdtemp's (older versions)
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "saved_model.pb").write_bytes(b"x" * 100)
+    ok(cli("convert", paths["tf1"], out, *bf16))
+    assert (out / "saved_model.pb").is_file()
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+
+
+def test_pin_on_a_hard_linked_library_warns_that_the_other_name_keeps_the_old_text(lib_copy: Path, tmp_path: Path):
+    other = tmp_path / "other-name.json"
+    os.link(lib_copy, other)
+    before = other.read_bytes()
+    proc = ok(cli("pin", "BiasAdd", "--op-info", lib_copy))
+    assert "warning" in proc.stderr and "2 hard links" in proc.stderr and str(lib_copy) in proc.stderr
+    assert json.loads(lib_copy.read_text())["BiasAdd"]["precision_reduce"] == {"flag": "false"}
+    assert other.read_bytes() == before

@@ -3,9 +3,12 @@
 ``pin`` sets ``precision_reduce.flag`` to ``"false"`` (black), ``set_flag`` to any
 value, ``unpin`` removes the ``precision_reduce`` field (gray). Only the edited
 field's bytes change: key order, formatting and every other field are kept. A
-file that does not parse is refused and left untouched, and the new text is
-written atomically (temporary file, fsync, rename), so a crash mid-write leaves
-the old file intact.
+file that does not parse (or defines an op twice) is refused and left untouched.
+Edits of one file are serialised between processes (an advisory lock beside it;
+the file is read under the lock, so concurrent edits of different ops all land),
+and the new text is written atomically, keeping the file's mode, owner and
+symlinks (:mod:`precision_policy.fileio`): a crash mid-write leaves the old file
+intact, and its temporary file is removed by the next edit.
 
 Example:
     >>> import json, pathlib, tempfile
@@ -23,16 +26,16 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from json.decoder import scanstring
 from pathlib import Path
 
-from precision_policy._jsonio import loads_json_text
-from precision_policy.errors import OpInfoError, WriteError
-from precision_policy.opinfo.library import library_files, parse_library_text, resolve_library_path
+from precision_policy.errors import OpInfoError
+from precision_policy.fileio import atomic_write, locked_edit
+from precision_policy.opinfo.library import library_files, parse_library_json, parse_library_text, resolve_library_path
 
 _WS = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
@@ -56,44 +59,8 @@ class EditResult:
 
 # ---------------------------------------------------------------------- atomic writing
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder, fsync and rename."""
-    path = Path(path)
-    try:
-        _atomic_write(path, text)
-    except OSError as exc:
-        raise WriteError(f"cannot write: {exc.strerror or exc}; the previous file, if any, is unchanged", file=path) from None
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    folder = path.parent if str(path.parent) else Path(".")
-    mode = None
-    if path.exists():
-        mode = path.stat().st_mode & 0o7777
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:
-        dir_fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    """Write ``text`` to ``path`` atomically, keeping mode, owner and symlinks (see :mod:`precision_policy.fileio`)."""
+    atomic_write(path, text)
 
 
 # ---------------------------------------------------------------------- span scanning
@@ -207,7 +174,7 @@ def _read(path: Path) -> str:
 
 
 def _parse(path: Path, text: str) -> dict:
-    data = loads_json_text(text, path, OpInfoError)
+    data = parse_library_json(text, path)  # a key defined twice is refused: which copy would we edit?
     if not isinstance(data, dict):
         raise OpInfoError("the top level must be a JSON object of op type -> entry; refusing to edit", file=path)
     return data
@@ -228,10 +195,42 @@ def set_flag(spec: str | Path, op: str, flag: str | bool | None) -> EditResult:
     else:
         raise OpInfoError(f"flag must be 'true', 'false' or None (remove), got {flag!r}", op=op, field=FIELD)
     path = _target_file(spec, op, creating=new_flag is not None)
-    text = _read(path)
-    data = _parse(path, text)  # refuses a file that does not parse, before anything is written
-    if not os.access(path, os.W_OK):
-        raise OpInfoError(f"file is read-only; grant write permission first (chmod u+w {path})", file=path)
+    with locked_edit(path) as target:  # read under the lock: a concurrent edit's change is in what we read
+        text = _read(path)
+        data = _parse(path, text)  # refuses a file that does not parse, before anything is written
+        if not os.access(path, os.W_OK):
+            raise OpInfoError(f"file is read-only; grant write permission first (chmod u+w {path})", file=path)
+        result, new_text = _edit_text(path, text, data, op, new_flag)
+        if new_text != text:
+            # the edited file must still be a valid library, with the flag we meant
+            parsed = parse_library_text(new_text, str(path))
+            expect = {"true": "white", "false": "black", None: "gray"}[new_flag]
+            if parsed[op].flag != expect:  # pragma: no cover - guards the span logic
+                raise OpInfoError(f"internal edit check failed (flag is {parsed[op].flag}, expected {expect}); "
+                                  "file untouched", file=path, op=op)
+            target.write(new_text)
+    return result
+
+
+def _flag_text(path: Path, op: str, value: object) -> str | None:
+    """The flag as the edit reports it; a value no edit can report (an object, a list, NaN) is refused."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        shown = str(value).replace("inf", "Infinity").replace("nan", "NaN")
+    else:
+        shown = json.dumps(value)
+    kind = {dict: "a JSON object", list: "a JSON list"}.get(type(value), "a number" if isinstance(value, (int, float)) else "not text")
+    raise OpInfoError(
+        f"is {kind} ({shown[:60]}), not \"true\" or \"false\"; refusing to edit a value it would discard: "
+        f"fix it by hand (\"flag\": \"true\" or \"false\", or remove {FIELD})",
+        file=path, op=op, field=f"{FIELD}.flag",
+    )
+
+
+def _edit_text(path: Path, text: str, data: dict, op: str, new_flag: str | None) -> tuple[EditResult, str]:
     top = _WS.match(text).end()
     created = False
     if op not in data:
@@ -246,9 +245,7 @@ def set_flag(spec: str | Path, op: str, flag: str | bool | None) -> EditResult:
         if not isinstance(entry_raw, dict):
             raise OpInfoError("entry is not a JSON object; refusing to edit", file=path, op=op)
         old = entry_raw.get(FIELD)
-        old_flag = old.get("flag") if isinstance(old, dict) else None
-        if isinstance(old_flag, bool):
-            old_flag = "true" if old_flag else "false"
+        old_flag = _flag_text(path, op, old.get("flag")) if isinstance(old, dict) else None
         op_member = next(m for m in _members(text, top)[0] if m.key == op)
         op_brace = op_member.value_start
         if new_flag is None:
@@ -266,16 +263,7 @@ def set_flag(spec: str | Path, op: str, flag: str | bool | None) -> EditResult:
             new_text = text[: field_member.value_start] + json.dumps({"flag": new_flag}) + text[field_member.value_end :]
         else:
             new_text = _insert_member(text, op_brace, FIELD, json.dumps({"flag": new_flag}))
-    result = EditResult(path, op, old_flag, new_flag, created)
-    if new_text == text:
-        return result
-    # the edited file must still be a valid library, with the flag we meant
-    parsed = parse_library_text(new_text, str(path))
-    expect = {"true": "white", "false": "black", None: "gray"}[new_flag]
-    if parsed[op].flag != expect:  # pragma: no cover - guards the span logic
-        raise OpInfoError(f"internal edit check failed (flag is {parsed[op].flag}, expected {expect}); file untouched", file=path, op=op)
-    atomic_write_text(path, new_text)
-    return result
+    return EditResult(path, op, old_flag, new_flag, created), new_text
 
 
 def pin(spec: str | Path, op: str) -> EditResult:

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Mapping
 from pydantic import ValidationError
 
 from precision_policy import dtypes
-from precision_policy._jsonio import loads_json_text
+from precision_policy._jsonio import DuplicateKey, loads_json_text
 from precision_policy.errors import DTypeError, OpInfoError
 from precision_policy.opinfo.schema import TENSOR_KEY, OpEntry, TensorField
 
@@ -205,8 +205,28 @@ def _clean_msg(err: dict[str, Any]) -> str:
     return msg
 
 
+def duplicate_key_error(dup: DuplicateKey, source: str | Path) -> OpInfoError:
+    """The error for a key repeated inside one op-info file (JSON would silently keep the last copy)."""
+    lines = f"at lines {dup.first[0]} and {dup.second[0]}"
+    if not dup.parents:
+        return OpInfoError(
+            f"defined twice in this file, {lines}; a library may define an op once "
+            "(delete or merge one of the two entries)",
+            file=source, op=dup.key, line=dup.second[0], column=dup.second[1],
+        )
+    field = ".".join(dup.parents[1:] + (dup.key,))
+    return OpInfoError(f"appears twice in this entry, {lines}; keep one of them",
+                       file=source, op=dup.parents[0], field=field, line=dup.second[0], column=dup.second[1])
+
+
+def parse_library_json(text: str, source: str | Path) -> Any:
+    """Parse an op-info file's text: JSON whose objects have no repeated keys (OpInfoError otherwise)."""
+    return loads_json_text(text, source, OpInfoError, unique_keys=True,
+                           duplicate=lambda dup: duplicate_key_error(dup, source))
+
+
 def parse_library_text(text: str, source: str) -> dict[str, OpInfo]:
-    data = loads_json_text(text, source, OpInfoError)
+    data = parse_library_json(text, source)
     if not isinstance(data, dict):
         raise OpInfoError(
             f"the top level must be a JSON object of op type -> entry, got {type(data).__name__}", file=source
@@ -234,6 +254,9 @@ def shipped_libraries() -> list[str]:
 
 def resolve_library_path(spec: str | Path) -> Path:
     """A path that exists, or the name of a shipped library (``ascend910`` or ``opinfo_db/ascend910``)."""
+    if not str(spec).strip():  # Path("") would be the current folder
+        raise OpInfoError("the op-info library is named by an empty string; name a file, folder or shipped library "
+                          f"(shipped: {', '.join(shipped_libraries()) or '(none found)'})", file=repr(str(spec)))
     p = Path(spec).expanduser()
     if p.exists():
         return p

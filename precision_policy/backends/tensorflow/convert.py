@@ -31,10 +31,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -43,6 +41,7 @@ from google.protobuf import message, text_format
 from tensorflow.core.framework import graph_pb2, node_def_pb2
 from tensorflow.core.protobuf import saved_model_pb2
 
+from precision_policy import fileio
 from precision_policy.api import plan as make_plan
 from precision_policy.backends.tensorflow.graphdef import apply_plan, to_opgraph
 from precision_policy.config import RunConfig
@@ -584,40 +583,8 @@ def _tf_error_text(exc: BaseException) -> str:
 
 # ---------------------------------------------------------------------- writing
 def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    folder = path.parent if str(path.parent) else Path(".")
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as exc:
-        raise WriteError(f"cannot write: {exc.strerror or exc}", file=path) from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):  # interrupted or failed: no temporary file stays behind
-            os.unlink(tmp)
-
-
-def _new_folder(out: Path) -> Path:
-    if out.exists():
-        raise WriteError("already exists; choose a new folder (nothing was written)", file=out)
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise WriteError(f"cannot write: folder {parent} does not exist", file=out)
-    try:
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
-    except OSError as exc:
-        raise WriteError(f"cannot write: {exc.strerror or exc}", file=out) from None
-
-
-def _finish_folder(tmp: Path, out: Path) -> None:
-    try:
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise WriteError(f"cannot write: {exc.strerror or exc}", file=out) from None
+    """Atomic, mode/owner/symlink-keeping write; a crash's temp file is removed by the next write."""
+    fileio.atomic_write(path, data)
 
 
 def _write_graph_file(gd: graph_pb2.GraphDef, out: Path) -> None:
@@ -632,8 +599,7 @@ def _write_tf1_saved_model(model: LoadedModel, gd: graph_pb2.GraphDef, src: Path
     sm.CopyFrom(model.saved_model)
     sm.meta_graphs[model.meta_index].graph_def.CopyFrom(gd)
     tags = list(sm.meta_graphs[model.meta_index].meta_info_def.tags)
-    tmp = _new_folder(out)
-    try:
+    with fileio.new_folder(out) as tmp:
         try:
             for item in src.iterdir():
                 if item.name == "saved_model.pb":
@@ -646,10 +612,6 @@ def _write_tf1_saved_model(model: LoadedModel, gd: graph_pb2.GraphDef, src: Path
         except OSError as exc:
             raise WriteError(f"cannot write: {exc.strerror or exc}", file=out) from None
         _check_tf1_saved_model(tmp, tags, model, out)
-        _finish_folder(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check_tf1_saved_model(folder: Path, tags: list[str], model: LoadedModel, out: Path) -> None:
@@ -725,8 +687,7 @@ def _without_custom_gradients(gd: graph_pb2.GraphDef) -> graph_pb2.GraphDef:
 def _write_tf2_saved_model(model: LoadedModel, graphs: dict[str, graph_pb2.GraphDef], src: Path, out: Path) -> None:
     import tensorflow as tf
 
-    tmp = _new_folder(out)
-    try:
+    with fileio.new_folder(out) as tmp:
         try:
             module, signatures = _rebuild_module(model, graphs)
             # an inference graph: ops carrying a custom gradient (Keras' swish) are saved without it
@@ -741,10 +702,6 @@ def _write_tf2_saved_model(model: LoadedModel, graphs: dict[str, graph_pb2.Graph
                              f"{type(exc).__name__}: {_tf_error_text(exc)}", file=out,
                              node=_node_in_message(str(exc))) from None
         _check_tf2_saved_model(tmp, model, graphs, out)
-        _finish_folder(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check_tf2_saved_model(folder: Path, model: LoadedModel, graphs: dict[str, graph_pb2.GraphDef], out: Path) -> None:
