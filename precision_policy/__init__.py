@@ -8,7 +8,7 @@ Example:
     'Converted 4/8 nodes to float16 precision using 0 cast(s) to float16 (excluding Const and Variable casts)'
 """
 
-from precision_policy import dtypes, modes
+from precision_policy import backends, dtypes, modes  # backends: registers the model formats they read
 from precision_policy.api import plan
 from precision_policy.config import RunConfig
 from precision_policy.errors import (

@@ -9,6 +9,7 @@ import difflib
 from precision_policy.config import RunConfig
 from precision_policy.errors import OverrideError
 from precision_policy.graph import OpGraph, load_graph
+from precision_policy.modes.planner import plan as plan_graph
 from precision_policy.plan import CastPlan
 
 
@@ -61,7 +62,8 @@ def plan(graph: OpGraph | str | Path, config: RunConfig | None = None, **setting
     library = config.library()
     overrides = config.overrides(library)
     check_override_names(graph, overrides)
-    return config.mode.plan(
+    return plan_graph(
+        config.mode,
         graph,
         library,
         overrides,

@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,51 +34,16 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from precision_policy import dtypes
 from precision_policy._jsonio import load_json_file
 from precision_policy.errors import DTypeError, GraphError
+from precision_policy.optypes import (  # noqa: F401  (re-exported: the taxonomy lives in optypes)
+    BACK_EDGE_OPS,
+    CONTROL_FLOW_OPS,
+    HANDLE_TYPED_PREFIXES,
+    PASSTHROUGH_OPS,
+    SOURCE_KINDS,
+)
 
 GRAPH_FORMAT = "precision_policy.graph"
 GRAPH_VERSION = 1
-
-#: op type -> kind of source. Sources never compute: they keep their dtype, and a cast
-#: of a "const" source is done once ahead of time, of a "variable" after each read.
-SOURCE_KINDS: dict[str, str] = {
-    "Placeholder": "input",
-    "PlaceholderWithDefault": "input",
-    "PlaceholderV2": "input",
-    "_Arg": "input",
-    "Input": "input",
-    "Const": "const",
-    "HostConst": "const",
-    "Constant": "const",
-    "Variable": "variable",
-    "VariableV2": "variable",
-    "VarHandleOp": "variable",
-    "ReadVariableOp": "variable",
-    "Parameter": "variable",
-    "Buffer": "variable",
-}
-
-#: Ops that forward their single input unchanged. A pass-through of a source is treated as
-#: that source (``W/read`` after a ``VariableV2`` is a variable read).
-PASSTHROUGH_OPS: frozenset[str] = frozenset({"Identity", "Snapshot", "StopGradient", "PreventGradient"})
-
-#: TensorFlow v1 control flow (``tf.while_loop``/``tf.cond`` lowered to frame ops). They carry a
-#: loop's or a branch's values; every value that enters a loop must leave ``NextIteration`` in
-#: the same dtype, so they keep their origin dtype and casts go around them, while the ops of
-#: the loop body are planned like any other.
-CONTROL_FLOW_OPS: frozenset[str] = frozenset({
-    "Enter", "RefEnter", "Exit", "RefExit", "Switch", "RefSwitch", "Merge", "RefMerge",
-    "NextIteration", "RefNextIteration", "LoopCond", "ControlTrigger",
-})
-
-#: TensorFlow ops whose float dtype is tied, through a list/array handle, to other ops that
-#: create or read the same list (``element_dtype`` of ``TensorListReserve`` ... ``TensorListStack``):
-#: changing one alone breaks the list, so they keep their origin dtype and casts go around them.
-HANDLE_TYPED_PREFIXES: tuple[str, ...] = ("TensorList", "TensorArray", "Stack", "Queue", "Dataset", "Iterator")
-
-#: Producers of a loop's back edge (``NextIteration`` -> ``Merge``): the edge is not a data
-#: dependency for ordering the graph, so a loop is not a cycle for the planner.
-BACK_EDGE_OPS: frozenset[str] = frozenset({"NextIteration", "RefNextIteration"})
-
 
 @dataclass(frozen=True)
 class Node:
@@ -437,34 +403,62 @@ class OpGraph:
         return f"OpGraph({self.name!r}, {len(self)} nodes, outputs={self._fetches!r})"
 
 
-#: Extra graph readers, by kind: backends register themselves here
-#: (``"tensorflow"`` reads .pb, .pbtxt and SavedModel directories).
+#: Graph readers by kind, filled by the backends when they are imported (``"tensorflow"``
+#: reads .pb, .pbtxt and SavedModel directories).
 GRAPH_LOADERS: dict[str, Callable[[Path], OpGraph]] = {}
 
 
+@dataclass(frozen=True)
+class GraphFormat:
+    """A model file format a backend reads: how to recognise it cheaply, and which module registers its reader."""
+
+    kind: str
+    recognises: Callable[[Path], bool]
+    module: str  # imported on first use: it puts its reader in GRAPH_LOADERS[kind]
+    missing: str  # what to install when that module cannot be imported
+
+
+#: Formats :func:`load_graph` recognises besides graph JSON, by kind. Backends register theirs
+#: (see :mod:`precision_policy.backends`); the core knows none of them.
+GRAPH_FORMATS: dict[str, GraphFormat] = {}
+
+
+def register_graph_format(kind: str, recognises: Callable[[Path], bool], module: str, missing: str) -> None:
+    """Let :func:`load_graph` read files that ``recognises(path)`` accepts, through ``GRAPH_LOADERS[kind]``.
+
+    Example:
+        >>> register_graph_format("demo", lambda p: p.suffix == ".demo", "no.such.module", "nothing: a demo")
+        >>> load_graph("model.demo")
+        Traceback (most recent call last):
+        ...
+        precision_policy.errors.GraphError: model.demo: reading demo files needs nothing: a demo
+        >>> del GRAPH_FORMATS["demo"]
+    """
+    GRAPH_FORMATS[kind] = GraphFormat(kind, recognises, module, missing)
+
+
 def load_graph(path: str | Path) -> OpGraph:
-    """Load a graph: JSON here; TF ``.pb``/``.pbtxt``/SavedModel through the TensorFlow backend."""
+    """Load a graph: graph JSON here; other formats (TF ``.pb``/``.pbtxt``/SavedModel) through their backend."""
     p = Path(path)
-    is_tf = p.suffix in (".pb", ".pbtxt") or (p.is_dir() and (p / "saved_model.pb").exists())
-    if is_tf:
-        loader = GRAPH_LOADERS.get("tensorflow")
+    for fmt in list(GRAPH_FORMATS.values()):
+        if not fmt.recognises(p):
+            continue
+        loader = GRAPH_LOADERS.get(fmt.kind)
         if loader is None:
             try:
-                import precision_policy.backends.tensorflow  # noqa: F401  (registers its loader)
+                importlib.import_module(fmt.module)  # registers its loader
             except ImportError:
                 pass
-            loader = GRAPH_LOADERS.get("tensorflow")
+            loader = GRAPH_LOADERS.get(fmt.kind)
         if loader is None:
-            raise GraphError(
-                "reading TensorFlow graphs (.pb, .pbtxt, SavedModel) needs TensorFlow and the TensorFlow backend: "
-                "pip install 'precision-policy[tensorflow]'",
-                file=p,
-            )
+            raise GraphError(f"reading {fmt.kind} files needs {fmt.missing}", file=p)
         return loader(p)
     if p.is_dir():
-        raise GraphError("expected a graph JSON file (or a TensorFlow SavedModel directory)", file=p)
+        raise GraphError("expected a graph JSON file (or a model directory a backend reads, such as a TensorFlow "
+                         "SavedModel)", file=p)
     return OpGraph.from_json(p)
 
 
-__all__ = ["BACK_EDGE_OPS", "CONTROL_FLOW_OPS", "HANDLE_TYPED_PREFIXES", "GRAPH_FORMAT", "GRAPH_VERSION", "Node", "OpGraph", "PASSTHROUGH_OPS",
-           "SOURCE_KINDS", "load_graph", "parse_tensor_ref"]
+__all__ = ["BACK_EDGE_OPS", "CONTROL_FLOW_OPS", "GRAPH_FORMAT", "GRAPH_FORMATS", "GRAPH_LOADERS", "GRAPH_VERSION",
+           "HANDLE_TYPED_PREFIXES", "GraphFormat", "Node", "OpGraph", "PASSTHROUGH_OPS", "SOURCE_KINDS", "load_graph",
+           "parse_tensor_ref", "register_graph_format"]

@@ -15,8 +15,10 @@ Example:
     >>> plan = pp.plan(g, pp.RunConfig(precision_mode="allow_mix_precision", op_info="ascend910"))
     >>> plan.summary()
     'Converted 2/4 nodes to float16 precision using 1 cast(s) to float16 (excluding Const and Variable casts)'
-    >>> plan["relu"].dtype, plan["relu"].reason
-    ('float16', 'gray: follows conv')
+    >>> plan["relu"].dtype, plan["relu"].rule.value, plan["relu"].followed
+    ('float16', 'gray_follows', 'conv')
+    >>> plan["relu"].reason
+    'gray: follows conv'
     >>> [(c.tensor, c.to) for c in plan.casts]
     [('x:0', 'float16'), ('w:0', 'float16'), ('relu:0', 'float32')]
 """
@@ -26,10 +28,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
 from precision_policy import dtypes
 from precision_policy.errors import GraphError, PlanFormatError
+from precision_policy.rules import Rule
 
 if TYPE_CHECKING:
     from precision_policy.graph import OpGraph
@@ -37,7 +40,10 @@ if TYPE_CHECKING:
     from precision_policy.opinfo.library import Library
 
 PLAN_FORMAT = "precision_policy.cast_plan"
-PLAN_VERSION = 1
+#: Version 2 added each node's ``rule`` and ``followed``; version 1 plans still load (their
+#: nodes' ``rule`` and ``followed`` are None: the reason prose is never parsed back).
+PLAN_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 class Cast:
@@ -92,7 +98,12 @@ class CastView:
 
 @dataclass(frozen=True)
 class NodeDecision:
-    """One node's decision: compute dtype, per-tensor dtypes, and why."""
+    """One node's decision: compute dtype, per-tensor dtypes, the rule that decided, and why in words.
+
+    ``rule`` (a :class:`~precision_policy.rules.Rule`) and ``followed`` (the node a gray op
+    followed) are what code reads; ``reason`` is the same decision rendered for people. Both
+    are None for plans read from a version-1 JSON file, which did not record them.
+    """
 
     name: str
     op_type: str
@@ -102,11 +113,17 @@ class NodeDecision:
     outputs: tuple[str, ...]
     reason: str
     identity: bool = False
+    rule: Rule | None = None
+    followed: str | None = None
 
     @property
     def converted(self) -> bool:
         """True when the node computes in a dtype other than its origin (sources never do)."""
-        return self.dtype is not None and self.origin is not None and self.dtype != self.origin and not self.reason.startswith("source")
+        return _converted(self.origin, self.dtype, self.rule)
+
+
+def _converted(origin: str | None, dtype: str | None, rule: Rule | None) -> bool:
+    return dtype is not None and origin is not None and dtype != origin and rule is not Rule.SOURCE
 
 
 class CastPlan:
@@ -124,6 +141,8 @@ class CastPlan:
         out_dtypes: list[tuple[str, ...]],
         reasons: list[str],
         casts: list[Cast],
+        rules: "list[Rule | None] | None" = None,
+        followed: list[str | None] | None = None,
         identity: set[int],
         unknown: dict[str, list[str]],
         warnings: list[str],
@@ -148,6 +167,8 @@ class CastPlan:
         self.in_dtypes = in_dtypes
         self.out_dtypes = out_dtypes
         self.reasons = reasons
+        self.rules: list[Rule | None] = rules if rules is not None else [None] * len(reasons)
+        self.followed: list[str | None] = followed if followed is not None else [None] * len(reasons)
         self._casts = casts
         self.identity = identity
         self.unknown = unknown
@@ -182,6 +203,8 @@ class CastPlan:
             outputs=tuple(self.out_dtypes[i]),
             reason=self.reasons[i],
             identity=i in self.identity,
+            rule=self.rules[i],
+            followed=self.followed[i],
         )
 
     def __getitem__(self, name: str) -> NodeDecision:
@@ -210,9 +233,9 @@ class CastPlan:
     def converted_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for i in range(len(self.names)):
-            d, o = self.dtype[i], self.origin[i]
-            if d is not None and o is not None and d != o and not self.reasons[i].startswith("source"):
-                counts[d] = counts.get(d, 0) + 1
+            d = self.dtype[i]
+            if _converted(self.origin[i], d, self.rules[i]):
+                counts[d] = counts.get(d, 0) + 1  # type: ignore[index]
         return counts
 
     def cast_counts(self) -> dict[str, int]:
@@ -295,16 +318,18 @@ class CastPlan:
         return "\n".join(lines)
 
     def _chain(self, i: int) -> list[str]:
+        """Node ``i``, the producer its gray rule followed, that one's, ... and why the last one runs so."""
         chain = [self.names[i]]
         seen = {i}
         while True:
-            reason = self.reasons[i]
-            if not reason.startswith("gray: follows "):
+            prod = self.followed[i]
+            if self.rules[i] is not Rule.GRAY_FOLLOWS or prod is None:
                 if len(chain) > 1:
-                    chain[-1] += f" ({reason})"
+                    chain[-1] += f" ({self.reasons[i]})"
                 return chain
-            prod = reason[len("gray: follows "):].split(" ", 1)[0].rstrip(",")
-            j = self._index.get(prod) if self._index else None
+            if self._index is None:
+                self._index = {n: k for k, n in enumerate(self.names)}
+            j = self._index.get(prod)
             if j is None or j in seen:
                 return chain
             seen.add(j)
@@ -323,6 +348,11 @@ class CastPlan:
                 "outputs": list(self.out_dtypes[i]),
                 "reason": self.reasons[i],
             }
+            rule = self.rules[i]
+            if rule is not None:
+                entry["rule"] = rule.value
+            if self.followed[i] is not None:
+                entry["followed"] = self.followed[i]
             if i in self.identity:
                 entry["identity"] = True
             nodes[name] = entry
@@ -367,8 +397,9 @@ class CastPlan:
         try:
             if data.get("format") != PLAN_FORMAT:
                 raise PlanFormatError(f"not a cast plan: 'format' is {data.get('format')!r}, expected {PLAN_FORMAT!r}")
-            if data.get("version") != PLAN_VERSION:
-                raise PlanFormatError(f"cast plan version {data.get('version')!r} is not supported (reads {PLAN_VERSION})")
+            if data.get("version") not in READABLE_VERSIONS:
+                raise PlanFormatError(f"cast plan version {data.get('version')!r} is not supported "
+                                      f"(reads {', '.join(map(str, READABLE_VERSIONS))})")
             names = list(data["nodes"])
             index = {n: i for i, n in enumerate(names)}
             nodes = [data["nodes"][n] for n in names]
@@ -387,6 +418,8 @@ class CastPlan:
                 in_dtypes=[tuple(e["inputs"]) for e in nodes],
                 out_dtypes=[tuple(e["outputs"]) for e in nodes],
                 reasons=[e["reason"] for e in nodes],
+                rules=[_rule(e.get("rule")) for e in nodes],
+                followed=[e.get("followed") for e in nodes],
                 casts=casts,
                 identity={i for i, e in enumerate(nodes) if e.get("identity")},
                 unknown={k: list(v) for k, v in data.get("unknown_ops", {}).items()},
@@ -424,7 +457,7 @@ class CastPlan:
                 continue
             a, b = self.dtype[i], other.dtype[j]
             if a != b or self.in_dtypes[i] != other.in_dtypes[j] or self.out_dtypes[i] != other.out_dtypes[j]:
-                changed.append((n, a, b, self.reasons[i], other.reasons[j]))
+                changed.append(ChangedNode(n, a, b, self.reasons[i], other.reasons[j]))
         key = lambda c: (c.tensor, c.to)  # noqa: E731
         c1 = {key(c) for c in self.casts}
         c2 = {key(c) for c in other.casts}
@@ -440,11 +473,30 @@ class CastPlan:
         return f"CastPlan(mode={self.mode_name!r}, {len(self)} nodes: {self.summary()!r})"
 
 
+def _rule(value: Any) -> Rule | None:
+    if value is None:
+        return None
+    try:
+        return Rule(value)
+    except ValueError:
+        raise PlanFormatError(f"unknown rule {value!r} (known: {', '.join(r.value for r in Rule)})") from None
+
+
+class ChangedNode(NamedTuple):
+    """A node whose dtypes differ between two plans."""
+
+    name: str
+    dtype: str | None
+    other_dtype: str | None
+    reason: str
+    other_reason: str
+
+
 @dataclass(frozen=True)
 class PlanDiff:
     """Differences between two plans; ``str()`` renders them for people."""
 
-    changed: list[tuple[str, str | None, str | None, str, str]]
+    changed: list[ChangedNode]
     only_here: list[str]
     only_there: list[str]
     casts_removed: list[tuple[str, str]]

@@ -241,7 +241,7 @@ def test_plan_lists_unknown_op_types(tmp_path: Path):
     assert "unknown op types" in out and "MyCustomOp: 2 node(s), e.g. mine" in out
     doc = json.loads(ok(cli("plan", g, "--mode", "allow_mix_precision", "--json")).stdout)
     assert doc["unknown_ops"] == {"MyCustomOp": ["mine", "mine2"]}
-    assert doc["nodes"]["mine"]["dtype"] == "float32" and "unknown op type" in doc["nodes"]["mine"]["reason"]
+    assert doc["nodes"]["mine"]["dtype"] == "float32" and doc["nodes"]["mine"]["rule"] == "unknown_op"
     # the unknown op keeps float32, so the float16 conv output is cast back for it
     assert ("conv:0", "float32") in {(c["tensor"], c["to"]) for c in doc["casts"]}
 
@@ -313,8 +313,8 @@ def test_explain_json():
     doc = json.loads(ok(cli("explain", CONV, "myConv", "BiasAdd", "--mode", "allow_mix_precision", "--json")).stdout)
     assert doc["summary"] == SUMMARY
     assert set(doc["nodes"]) == {"myConv", "BiasAdd"} == set(doc["explain"])
-    assert doc["nodes"]["myConv"]["reason"] == "white-list" and doc["nodes"]["myConv"]["dtype"] == "float16"
-    assert doc["nodes"]["BiasAdd"]["reason"] == "gray: follows myConv"
+    assert doc["nodes"]["myConv"]["rule"] == "white" and doc["nodes"]["myConv"]["dtype"] == "float16"
+    assert (doc["nodes"]["BiasAdd"]["rule"], doc["nodes"]["BiasAdd"]["followed"]) == ("gray_follows", "myConv")
     assert "myConv (Conv2D)" in doc["explain"]["myConv"]
 
 
@@ -335,7 +335,7 @@ def test_pin_plan_unpin_round_trip(lib_copy: Path):
 
     before = _plan_json(CONV, lib_copy)
     assert before["nodes"]["BiasAdd"]["dtype"] == "float16"
-    assert before["nodes"]["BiasAdd"]["reason"] == "gray: follows myConv"
+    assert (before["nodes"]["BiasAdd"]["rule"], before["nodes"]["BiasAdd"]["followed"]) == ("gray_follows", "myConv")
 
     proc = ok(cli("pin", "BiasAdd", "--op-info", lib_copy))
     assert "BiasAdd" in proc.stdout and "black" in proc.stdout
@@ -358,9 +358,9 @@ def test_pin_plan_unpin_round_trip(lib_copy: Path):
     after = _plan_json(CONV, lib_copy)
     assert after["nodes"]["myConv"]["dtype"] == "float16"
     assert after["nodes"]["BiasAdd"]["dtype"] == "float32"
-    assert after["nodes"]["BiasAdd"]["reason"] == "black-list"
+    assert after["nodes"]["BiasAdd"]["rule"] == "black"
     assert after["nodes"]["myOutput"]["dtype"] == "float32"
-    assert after["nodes"]["myOutput"]["reason"] == "gray: follows BiasAdd"
+    assert (after["nodes"]["myOutput"]["rule"], after["nodes"]["myOutput"]["followed"]) == ("gray_follows", "BiasAdd")
     assert ("myConv:0", "float32") in {(c["tensor"], c["to"]) for c in after["casts"]}
     assert not any(c["tensor"] == "myOutput:0" for c in after["casts"])  # already float32
     summary = ok(cli("plan", CONV, "--mode", "allow_mix_precision", "--op-info", lib_copy)).stdout.splitlines()[0]
@@ -395,7 +395,7 @@ def test_set_flag_existing_and_new_op(lib_copy: Path, tmp_path: Path):
     # Relu white after a gray BiasAdd pinned black: runs float16 because of its own flag
     ok(cli("pin", "BiasAdd", "--op-info", lib_copy))
     plan = _plan_json(CONV, lib_copy)
-    assert plan["nodes"]["myOutput"]["dtype"] == "float16" and plan["nodes"]["myOutput"]["reason"] == "white-list"
+    assert plan["nodes"]["myOutput"]["dtype"] == "float16" and plan["nodes"]["myOutput"]["rule"] == "white"
 
     # flipping an existing flag edits just the value
     ok(cli("set-flag", "Relu", "false", "--op-info", lib_copy))
@@ -419,7 +419,7 @@ def test_set_flag_existing_and_new_op(lib_copy: Path, tmp_path: Path):
     ok(cli("validate", lib_copy))
     plan = _plan_json(g, lib_copy)
     assert plan["unknown_ops"] == {}
-    assert plan["nodes"]["mine"]["reason"] == "white-list" and plan["nodes"]["mine"]["dtype"] == "float16"
+    assert plan["nodes"]["mine"]["rule"] == "white" and plan["nodes"]["mine"]["dtype"] == "float16"
 
 
 def test_unpin_op_not_in_file_is_usage_error(lib_copy: Path):

@@ -76,3 +76,39 @@ def test_unknown_node_lookup_suggests_names():
     g = pp.OpGraph.from_json(EXAMPLES / "conv2d_bias_relu.json")
     with pytest.raises(GraphError, match="did you mean 'myConv'"):
         g.node("myconv")
+
+
+CORE = ["graph.py", "plan.py", "rules.py", "optypes.py", "dtypes.py", "api.py", "config.py", "modes", "opinfo"]
+
+
+def test_the_core_imports_no_backend():
+    import ast
+    from pathlib import Path
+
+    root = Path(pp.__file__).parent
+    files = [f for c in CORE for f in ((root / c).rglob("*.py") if (root / c).is_dir() else [root / c])]
+    assert len(files) > 10
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert not name.startswith(("precision_policy.backends", "tensorflow", "torch", "keras")), (f, name)
+
+
+def test_load_graph_reads_formats_the_backends_register(tmp_path):
+    from precision_policy.graph import GRAPH_FORMATS, GRAPH_LOADERS, register_graph_format
+
+    assert "tensorflow" in GRAPH_FORMATS  # registered by precision_policy.backends, without importing TensorFlow
+    register_graph_format("test", lambda p: p.suffix == ".tst", "json", "nothing")
+    GRAPH_LOADERS["test"] = lambda p: pp.OpGraph.from_json(EXAMPLES / "conv2d_bias_relu.json")
+    try:
+        assert len(pp.load_graph(tmp_path / "m.tst")) == 8
+    finally:
+        del GRAPH_FORMATS["test"], GRAPH_LOADERS["test"]
+    register_graph_format("test", lambda p: p.suffix == ".tst", "precision_policy.no_such_backend", "a backend")
+    try:
+        with pytest.raises(GraphError, match="reading test files needs a backend"):
+            pp.load_graph(tmp_path / "m.tst")
+    finally:
+        del GRAPH_FORMATS["test"]

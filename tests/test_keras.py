@@ -11,6 +11,7 @@ datasets = pytest.importorskip("sklearn.datasets")
 
 import precision_policy as pp  # noqa: E402
 from precision_policy.keras import apply, layer_graph  # noqa: E402
+from precision_policy.rules import Rule  # noqa: E402
 
 BF16 = pp.RunConfig(precision_mode="allow_mix_precision_bf16", op_info="tf_amp_bf16", use_env_lists=False)
 
@@ -40,7 +41,7 @@ def test_layer_graph_and_policies_follow_the_plan():
     plan = model.precision_plan
     policies = {layer.name: layer.dtype_policy.name for layer in model.layers}
     assert policies["conv1"] == policies["conv2"] == policies["logits"] == "mixed_bfloat16"  # allow list
-    assert plan["relu1"].reason == "gray: follows bn1" and policies["residual"] == "mixed_bfloat16"
+    assert (plan["relu1"].rule, plan["relu1"].followed) == (Rule.GRAY_FOLLOWS, "bn1") and policies["residual"] == "mixed_bfloat16"
     for layer in model.layers:
         if layer.name in plan.names and plan[layer.name].dtype:
             expect = "mixed_bfloat16" if plan[layer.name].dtype == "bfloat16" else "float32"

@@ -17,6 +17,7 @@ import precision_policy as pp  # noqa: E402
 from precision_policy.errors import GraphError, OverrideError  # noqa: E402
 from precision_policy.keras import apply, layer_graph  # noqa: E402
 from precision_policy.opinfo import load_library, shipped_root  # noqa: E402
+from precision_policy.rules import Rule  # noqa: E402
 
 BF16 = pp.RunConfig(precision_mode="allow_mix_precision_bf16", op_info="tf_amp_bf16", use_env_lists=False)
 F16 = pp.RunConfig(precision_mode="allow_mix_precision", op_info="ascend910b", use_env_lists=False)
@@ -71,11 +72,11 @@ def test_backbone_layers_are_nodes_named_by_path_and_the_model_trains(tmp_path):
     keep.write_text("backbone/Conv1\n")
     apply(model, BF16.model_copy(update={"keep_dtype": keep}))
     plan = model.precision_plan
-    assert plan["backbone/Conv1"].reason == "keep_dtype (keep.txt:1)"
+    assert plan["backbone/Conv1"].rule is Rule.KEEP_DTYPE and "keep.txt:1" in plan["backbone/Conv1"].reason
     inner = policies(backbone)
     assert inner["Conv1"] == "float32"
     assert inner["block_1_expand"] == inner["block_1_depthwise"] == inner["block_16_project"] == "mixed_bfloat16"
-    assert plan["backbone/block_1_expand_BN"].reason == "gray: follows backbone/block_1_expand"
+    assert (plan["backbone/block_1_expand_BN"].rule, plan["backbone/block_1_expand_BN"].followed) == (Rule.GRAY_FOLLOWS, "backbone/block_1_expand")
     assert backbone.dtype_policy.name == "float32"  # the container only passes values on
     assert model.get_layer("logits").dtype_policy.name == "mixed_bfloat16"
     assert_low_precision_close(model.predict(x, verbose=0), ref, tol=0.1)
@@ -108,13 +109,13 @@ def test_transformer_encoder_plans_attention_through_its_sublayers(tmp_path):
     apply(model, BF16)
     plan = model.precision_plan
     for proj in ("query", "key", "value", "attention_output"):
-        assert plan[f"mha/{proj}"].op_type == "Einsum" and plan[f"mha/{proj}"].reason == "white-list"
+        assert plan[f"mha/{proj}"].op_type == "Einsum" and plan[f"mha/{proj}"].rule is Rule.WHITE
     assert plan["mha"].op_type == "MultiHeadAttention" and plan["mha"].dtype == "bfloat16"
     mha = model.get_layer("mha")
     softmax = plan[f"mha/{mha._softmax.name}"]  # Keras names it: softmax, softmax_1, ...
-    assert softmax.op_type == "Softmax" and softmax.reason == "gray: follows mha"  # gray (infer) in TF's list
+    assert softmax.op_type == "Softmax" and (softmax.rule, softmax.followed) == (Rule.GRAY_FOLLOWS, "mha")  # gray (infer) in TF's list
     assert set(policies(mha).values()) == {"mixed_bfloat16"} and mha.dtype_policy.name == "mixed_bfloat16"
-    assert plan["ln1"].reason == "black-list" and model.get_layer("ln1").dtype_policy.name == "float32"
+    assert plan["ln1"].rule is Rule.BLACK and model.get_layer("ln1").dtype_policy.name == "float32"
     assert plan["res1"].dtype == "float32"  # float32 embedding + bfloat16 attention: the widest
     assert model.get_layer("ff1").dtype_policy.name == "mixed_bfloat16"
     assert_low_precision_close(model.predict(tokens, verbose=0), ref)
@@ -123,7 +124,7 @@ def test_transformer_encoder_plans_attention_through_its_sublayers(tmp_path):
     keep.write_text("mha/value\n")
     apply(model, BF16.model_copy(update={"keep_dtype": keep}))  # applying again starts from the origin
     assert mha._value_dense.dtype_policy.name == "float32" and mha._query_dense.dtype_policy.name == "mixed_bfloat16"
-    assert model.precision_plan["mha/value"].reason == "keep_dtype (keep.txt:1)"
+    assert model.precision_plan["mha/value"].rule is Rule.KEEP_DTYPE and "keep.txt:1" in model.precision_plan["mha/value"].reason
     assert_low_precision_close(model.predict(tokens, verbose=0), ref)
     fit_one_epoch(model, tokens, tokens[:, 0] % 2, "sparse_categorical_crossentropy")
 
@@ -185,7 +186,7 @@ def test_recurrent_custom_and_unknown_layers(caplog):
     assert {bilstm.forward_layer.cell.dtype_policy.name, bilstm.backward_layer.cell.dtype_policy.name,
             model.get_layer("gru").cell.dtype_policy.name} == {"mixed_bfloat16"}
     # the custom composite: its Dense runs low, its own add stays float32 (unknown op type)
-    assert plan["res/inner"].reason == "white-list" and plan["res/act"].reason == "gray: follows res/inner"
+    assert plan["res/inner"].rule is Rule.WHITE and (plan["res/act"].rule, plan["res/act"].followed) == (Rule.GRAY_FOLLOWS, "res/inner")
     res = model.get_layer("res")
     assert res.inner.dtype_policy.name == "mixed_bfloat16" and res.dtype_policy.name == "float32"
     assert plan["res"].inputs == ("float32", "float32")  # reads gru (cast by its policy) and res/act
@@ -263,8 +264,8 @@ def test_shared_towers_keras_ops_and_an_untraceable_composite(caplog, tmp_path):
     # except a cast, which writes the dtype it names
     ops = {d.name.rstrip("_0123456789"): d for d in plan if d.op_type in ("Identity", "keras:op.Cast")}
     assert sorted(ops) == ["absolute", "cast", "subtract"]
-    assert ops["subtract"].reason == "gray: follows tower/inner/e" and ops["subtract"].dtype == "bfloat16"
-    assert ops["absolute"].reason == f"gray: follows {ops['subtract'].name}" and ops["absolute"].dtype == "bfloat16"
+    assert (ops["subtract"].rule, ops["subtract"].followed) == (Rule.GRAY_FOLLOWS, "tower/inner/e") and ops["subtract"].dtype == "bfloat16"
+    assert (ops["absolute"].rule, ops["absolute"].followed) == (Rule.GRAY_FOLLOWS, ops["subtract"].name) and ops["absolute"].dtype == "bfloat16"
     assert ops["cast"].op_type == "keras:op.Cast" and ops["cast"].dtype == "float32"
     picky = model.get_layer("picky")
     assert picky.fc.dtype_policy.name == picky.dtype_policy.name == "float32"

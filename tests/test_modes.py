@@ -5,6 +5,7 @@ import pytest
 import precision_policy as pp
 from precision_policy import modes
 from precision_policy.errors import ConfigError, PrecisionError
+from precision_policy.rules import Rule
 
 from conftest import EXAMPLES, casts, graph, plan
 
@@ -27,6 +28,12 @@ OUTS = ["relu2:0", "e:0"]
 
 def dt(p, name):
     return p[name].dtype
+
+
+def rule(p, name):
+    """Which rule decided ``name`` (and the node it followed): what these tests check, not the wording."""
+    d = p[name]
+    return d.rule if d.followed is None else (d.rule, d.followed)
 
 
 def test_registry_names_aliases_and_errors():
@@ -52,8 +59,8 @@ def test_registry_names_aliases_and_errors():
 
 def test_force_fp32(small_lib):
     p = plan(graph(NODES, OUTS), "force_fp32", small_lib)
-    assert dt(p, "mm") == "float32" and p["mm"].reason == "force_fp32"
-    assert dt(p, "conv") == "float16" and p["conv"].reason == "no float32 kernel"
+    assert dt(p, "mm") == "float32" and rule(p, "mm") is Rule.MODE
+    assert dt(p, "conv") == "float16" and rule(p, "conv") is Rule.FALLBACK_KERNEL
     # casts around the fp16-only op: inputs down, output back up for its float32 consumer
     assert {("x:0", "float16"), ("w:0", "float16"), ("conv:0", "float32")} <= casts(p)
     assert dt(p, "crelu") == "float32"
@@ -72,8 +79,8 @@ def test_must_keep_origin_dtype_names_every_op(small_lib):
 
 def test_allow_fp32_to_fp16(small_lib):
     p = plan(graph(NODES, OUTS), "allow_fp32_to_fp16", small_lib)
-    assert dt(p, "mm") == "float16" and p["mm"].reason == "cube op"
-    assert dt(p, "relu") == "float32" and "vector op" in p["relu"].reason
+    assert dt(p, "mm") == "float16" and rule(p, "mm") is Rule.MODE
+    assert dt(p, "relu") == "float32" and rule(p, "relu") is Rule.MODE
     assert dt(p, "sm") == "float32"  # white, but a vector op keeps float32 in this mode
     assert dt(p, "conv") == "float16"
     assert modes.get("default").name == "allow_fp32_to_fp16"
@@ -84,19 +91,19 @@ def test_force_fp16(small_lib):
     p = plan(graph(NODES, OUTS), "force_fp16", small_lib)
     for n in ("mm", "relu", "sm", "rs", "relu2", "conv", "crelu"):
         assert dt(p, n) == "float16", n  # flags are ignored: black ReduceSum too
-    assert dt(p, "e") == "float32" and p["e"].reason == "no float16 kernel"
+    assert dt(p, "e") == "float32" and rule(p, "e") is Rule.FALLBACK_KERNEL
 
 
 def test_allow_mix_precision(small_lib):
     p = plan(graph(NODES, OUTS), "allow_mix_precision", small_lib)
-    assert dt(p, "mm") == "float16" and p["mm"].reason == "white-list"
-    assert dt(p, "relu") == "float16" and p["relu"].reason == "gray: follows mm"
-    assert dt(p, "sm") == "float16" and p["sm"].reason == "white-list"
-    assert dt(p, "rs") == "float32" and p["rs"].reason == "black-list"
-    assert dt(p, "relu2") == "float32" and p["relu2"].reason == "gray: follows rs"
+    assert dt(p, "mm") == "float16" and rule(p, "mm") is Rule.WHITE
+    assert dt(p, "relu") == "float16" and rule(p, "relu") == (Rule.GRAY_FOLLOWS, "mm")
+    assert dt(p, "sm") == "float16" and rule(p, "sm") is Rule.WHITE
+    assert dt(p, "rs") == "float32" and rule(p, "rs") is Rule.BLACK
+    assert dt(p, "relu2") == "float32" and rule(p, "relu2") == (Rule.GRAY_FOLLOWS, "rs")
     assert dt(p, "conv") == "float16"
     # white op with no float16 kernel keeps its precision, with a warning
-    assert dt(p, "e") == "float32" and "no float16 kernel" in p["e"].reason
+    assert dt(p, "e") == "float32" and rule(p, "e") is Rule.WHITE and "no float16 kernel" in p["e"].reason
     assert any("Exp32" in w for w in p.warnings)
     assert modes.get("mixed_float16") is modes.get("allow_mix_precision")
 
@@ -111,7 +118,7 @@ def test_allow_fp32_to_bf16(small_lib):
     p = plan(graph(NODES, OUTS), "allow_fp32_to_bf16", small_lib)
     assert dt(p, "mm") == "float32" and dt(p, "relu") == "float32"
     # Conv2D on a library without float32 or bfloat16 kernels runs in its only float kernel, with a warning
-    assert dt(p, "conv") == "float16" and "float16 is its only float kernel" in p["conv"].reason
+    assert dt(p, "conv") == "float16" and rule(p, "conv") is Rule.FALLBACK_KERNEL
     assert any(w.startswith("conv:") for w in p.warnings)
     p910b = pp.plan(graph(NODES[:3], ["mm:0"]), pp.RunConfig(precision_mode="allow_fp32_to_bf16", op_info="ascend910b"))
     assert dt(p910b, "mm") == "float32"
@@ -120,9 +127,9 @@ def test_allow_fp32_to_bf16(small_lib):
 def test_allow_mix_precision_bf16(small_lib):
     g = graph([("x", "Placeholder", []), ("b", "BF", ["x:0"]), ("r", "Relu", ["b:0"]), ("b2", "BF", ["r:0"])], ["b2:0"])
     p = plan(g, "allow_mix_precision_bf16", small_lib)
-    assert dt(p, "b") == "bfloat16" and p["b"].reason == "white-list"
+    assert dt(p, "b") == "bfloat16" and rule(p, "b") is Rule.WHITE
     # Relu has no bf16 kernel in this library: it cannot follow, keeps float32
-    assert dt(p, "r") == "float32" and "no bfloat16 kernel" in p["r"].reason
+    assert dt(p, "r") == "float32" and rule(p, "r") == (Rule.GRAY_FOLLOWS, "b") and "no bfloat16 kernel" in p["r"].reason
     assert modes.get("mixed_bfloat16").name == "allow_mix_precision_bf16"
     p910b = pp.plan(EXAMPLES / "conv2d_bias_relu.json", pp.RunConfig(precision_mode="mixed_bfloat16", op_info="ascend910b"))
     assert [dt(p910b, n) for n in ("myConv", "BiasAdd", "myOutput")] == ["bfloat16"] * 3
@@ -166,14 +173,14 @@ def test_gray_inputs_that_disagree_take_the_widest(small_lib):
         ("mm", "MatMulV2", ["x:0", "w:0"]), ("rs", "ReduceSum", ["x:0"]), ("a", "Add", ["mm:0", "rs:0"]),
     ], ["a:0"])
     p = plan(g, "allow_mix_precision", small_lib)
-    assert dt(p, "a") == "float32" and "disagree" in p["a"].reason
+    assert dt(p, "a") == "float32" and rule(p, "a") == (Rule.GRAY_FOLLOWS, "rs") and "disagree" in p["a"].reason
     assert ("mm:0", "float32") in casts(p)
 
 
 def test_gray_fed_only_by_constants_follows_allow_fp32_to_fp16(small_lib):
     g = graph([("w", "Const", []), ("v", "VariableV2", []), ("a", "Add", ["v:0", "w:0"]), ("mm", "MatMulV2", ["a:0", "w:0"])], ["mm:0"])
     p = plan(g, "allow_mix_precision", small_lib)
-    assert dt(p, "a") == "float32" and "fed only by constants/variables" in p["a"].reason
+    assert dt(p, "a") == "float32" and rule(p, "a") is Rule.GRAY_UNFED
 
 
 def test_graph_inputs_vote_so_a_residual_stream_keeps_its_precision(small_lib):
@@ -285,3 +292,47 @@ def test_gray_op_between_black_and_white_runs_low_when_it_adds_no_cast(small_lib
     nodes2 = nodes[:3] + [("rs2", "ReduceSum", ["x:0"]), ("a", "Add", ["rs:0", "rs2:0"]), ("mm", "MatMulV2", ["a:0", "w:0"])]
     p = plan(graph(nodes2, ["mm:0"]), "allow_mix_precision", small_lib)
     assert p["a"].dtype == "float32"
+
+
+def test_every_decision_names_its_rule():
+    g = pp.OpGraph.from_dict({"nodes": [
+        {"name": "x", "op": "Placeholder", "outputs": ["float32"]},
+        {"name": "v", "op": "VariableV2", "outputs": ["float32"]},
+        {"name": "vr", "op": "Identity", "inputs": ["v:0"], "outputs": ["float32"]},
+        {"name": "rs", "op": "ReduceSum", "inputs": ["x:0"], "outputs": ["float32"]},
+        {"name": "r", "op": "Relu", "inputs": ["rs:0"], "outputs": ["float32"]},
+        {"name": "mm", "op": "MatMulV2", "inputs": ["r:0", "vr:0"], "outputs": ["float32"]},
+        {"name": "c", "op": "Cast", "inputs": ["mm:0"], "outputs": ["float32"]},
+        {"name": "u", "op": "NoSuchOp", "inputs": ["c:0"], "outputs": ["float32"]},
+        {"name": "ids", "op": "Placeholder", "outputs": ["int32"]},
+        {"name": "n", "op": "Shape", "inputs": ["ids:0"], "outputs": ["int32"]},
+        {"name": "d", "op": "Placeholder", "outputs": ["float64"]},
+        {"name": "d2", "op": "Relu", "inputs": ["d:0"], "outputs": ["float64"]}],
+        "outputs": ["u:0", "n:0", "d2:0"]})
+    p = pp.plan(g, precision_mode="allow_mix_precision", op_info="ascend910", use_env_lists=False)
+    assert {d.name: d.rule for d in p} == {
+        "x": Rule.SOURCE, "v": Rule.SOURCE, "vr": Rule.READS_SOURCE, "rs": Rule.BLACK,
+        "r": Rule.GRAY_LOOKAHEAD,  # between a black and a white op: runs low, the cast moves before it
+        "mm": Rule.WHITE, "c": Rule.EXISTING_CAST, "u": Rule.UNKNOWN_OP, "ids": Rule.SOURCE,
+        "n": Rule.NO_FLOAT_TENSORS, "d": Rule.SOURCE, "d2": Rule.GRAY_FOLLOWS,
+    }
+    assert [(d.name, d.followed) for d in p if d.followed] == [("d2", "d")]
+    assert p["vr"].dtype == "float16" and p["r"].dtype == "float16"
+    p = pp.plan(g, precision_mode="force_fp16", op_info="ascend910", use_env_lists=False)
+    # no float64 Relu kernel in ascend910: the float64 rule's fallback
+    assert (p["d2"].rule, p["d2"].dtype) == (Rule.FALLBACK_KERNEL, "float32") and p["mm"].rule is Rule.MODE
+
+
+def test_float64_ops_keep_float64_by_the_float64_rule(small_lib):
+    import json
+
+    from conftest import op_entry
+
+    lib = json.loads(small_lib.read_text())
+    lib["Relu"] = op_entry("double,float,float16")
+    small_lib.write_text(json.dumps(lib))
+    g = graph([("d", "Placeholder", []), ("r", "Relu", ["d:0"])], ["r:0"])
+    g = pp.OpGraph.from_dict({**g.to_dict(), "nodes": [
+        {**n, "outputs": ["float64"]} for n in g.to_dict()["nodes"]]})
+    p = plan(g, "force_fp16", small_lib)
+    assert (p["r"].rule, p["r"].dtype) == (Rule.FLOAT64, "float64")

@@ -6,6 +6,7 @@ import pytest
 
 import precision_policy as pp
 from precision_policy.errors import ConfigError, OverrideError, PrecisionError
+from precision_policy.rules import Rule
 
 from conftest import casts, graph, plan
 
@@ -13,6 +14,14 @@ G = [
     ("x", "Placeholder", []), ("w", "Const", []),
     ("mm", "MatMulV2", ["x:0", "w:0"]), ("r", "Relu", ["mm:0"]), ("sm", "Softmax", ["r:0"]), ("rs", "ReduceSum", ["sm:0"]),
 ]
+
+#: the rules a gray op can be decided by
+GRAY = (Rule.GRAY_FOLLOWS, Rule.GRAY_UNFED, Rule.GRAY_LOOKAHEAD)
+
+
+def follows(p, name):
+    """The node a gray op followed (None if it was decided by another rule)."""
+    return p[name].followed if p[name].rule is Rule.GRAY_FOLLOWS else None
 
 
 def mixlist(tmp_path, data, name="mix.json"):
@@ -28,18 +37,19 @@ def mix_plan(tmp_path, small_lib, data, mode="allow_mix_precision"):
 # ---------------------------------------------------------------------- modify_mixlist
 def test_mixlist_moves_ops_between_lists(tmp_path, small_lib):
     p = mix_plan(tmp_path, small_lib, {"black-list": {"to-add": ["Softmax"]}, "white-list": {"to-add": ["ReduceSum"]}})
-    assert p["sm"].dtype == "float32" and p["sm"].reason.startswith("black-list (modify_mixlist mix.json: added to black-list")
-    assert p["rs"].dtype == "float16" and "white-list" in p["rs"].reason
+    assert p["sm"].dtype == "float32" and p["sm"].rule is Rule.BLACK
+    assert "modify_mixlist mix.json: added to black-list" in p["sm"].reason  # the override, rendered
+    assert p["rs"].dtype == "float16" and p["rs"].rule is Rule.WHITE
 
 
 def test_mixlist_to_remove_makes_op_gray(tmp_path, small_lib):
     p = mix_plan(tmp_path, small_lib, {"black-list": {"to-remove": ["ReduceSum"]}, "white-list": {"to-remove": ["MatMulV2"]}})
-    assert p["rs"].dtype == "float16" and p["rs"].reason.startswith("gray: follows sm")
+    assert p["rs"].dtype == "float16" and follows(p, "rs") == "sm"
     # gray now, MatMulV2 follows x (float32). Its reader needs float16, but a matmul is arithmetic:
     # running it low would round more than the cast after it, so the look-ahead leaves it (TF's rule for infer ops)
-    assert p["mm"].dtype == "float32" and p["mm"].reason.startswith("gray: follows x")
+    assert p["mm"].dtype == "float32" and follows(p, "mm") == "x"
     p2 = mix_plan(tmp_path, small_lib, {"white-list": {"to-add": ["Relu"]}, "gray-list": {"to-remove": ["Relu"]}})
-    assert p2["r"].reason.startswith("white-list")
+    assert p2["r"].rule is Rule.WHITE
 
 
 @pytest.mark.parametrize(
@@ -81,8 +91,8 @@ def test_keep_dtype_by_name_and_by_op_type(tmp_path, small_lib):
     f = tmp_path / "keep.txt"
     f.write_text("# keep these in their origin dtype\nmm\n\nOpType::Softmax  # all softmaxes\n")
     p = plan(graph(G, ["rs:0"]), "force_fp16", small_lib, keep_dtype=f)
-    assert p["mm"].dtype == "float32" and p["mm"].reason == "keep_dtype (keep.txt:2)"
-    assert p["sm"].dtype == "float32" and p["sm"].reason == "keep_dtype (keep.txt:4)"
+    assert p["mm"].dtype == "float32" and p["mm"].rule is Rule.KEEP_DTYPE and "keep.txt:2" in p["mm"].reason
+    assert p["sm"].dtype == "float32" and p["sm"].rule is Rule.KEEP_DTYPE and "keep.txt:4" in p["sm"].reason
     assert p["r"].dtype == "float16"
 
 
@@ -90,7 +100,7 @@ def test_keep_dtype_has_no_effect_under_must_keep_origin(tmp_path, small_lib):
     f = tmp_path / "keep.txt"
     f.write_text("mm\n")
     p = plan(graph(G, ["rs:0"]), "must_keep_origin_dtype", small_lib, keep_dtype=f)
-    assert p["mm"].reason == "must_keep_origin_dtype"
+    assert p["mm"].rule is Rule.MODE and p["mm"].reason == "must_keep_origin_dtype"
 
 
 def test_keep_dtype_on_op_without_origin_kernel_is_an_error(tmp_path, small_lib):
@@ -125,7 +135,7 @@ def test_customize_dtypes_by_name_and_type(tmp_path, small_lib):
     f.write_text("mm::InputDtype:float32,float32,OutputDtype:float32\nOpType::Relu:InputDtype:float16,OutputDtype:float32\n")
     p = plan(graph(G, ["rs:0"]), "force_fp16", small_lib, customize_dtypes=f)
     assert p["mm"].inputs == ("float32", "float32") and p["mm"].dtype == "float32"
-    assert p["mm"].reason == "customize_dtypes (custom.txt:1)"
+    assert p["mm"].rule is Rule.CUSTOMIZE_DTYPES and "custom.txt:1" in p["mm"].reason
     assert p["r"].inputs == ("float16",) and p["r"].outputs == ("float32",)
     assert ("mm:0", "float16") in casts(p)  # Relu reads float16 from a float32 MatMul
 
@@ -136,7 +146,7 @@ def test_customize_dtypes_beats_keep_dtype(tmp_path, small_lib):
     custom = tmp_path / "custom.txt"
     custom.write_text("mm::InputDtype:float16,float16,OutputDtype:float16\n")
     p = plan(graph(G, ["rs:0"]), "force_fp32", small_lib, keep_dtype=keep, customize_dtypes=custom)
-    assert p["mm"].dtype == "float16" and p["mm"].reason.startswith("customize_dtypes")
+    assert p["mm"].dtype == "float16" and p["mm"].rule is Rule.CUSTOMIZE_DTYPES
 
 
 @pytest.mark.parametrize(
@@ -169,12 +179,13 @@ P = "TF_AUTO_MIXED_PRECISION_GRAPH_REWRITE_"
 
 def test_env_lists_add_and_remove(small_lib):
     p = env_plan(small_lib, {P + "DENYLIST_ADD": "Softmax", P + "ALLOWLIST_ADD": "ReduceSum"})
-    assert p["sm"].dtype == "float32" and "env TF_AUTO_MIXED_PRECISION_GRAPH_REWRITE_DENYLIST_ADD" in p["sm"].reason
+    assert p["sm"].dtype == "float32" and p["sm"].rule is Rule.BLACK
+    assert "env TF_AUTO_MIXED_PRECISION_GRAPH_REWRITE_DENYLIST_ADD" in p["sm"].reason
     assert p["rs"].dtype == "float16"
     p = env_plan(small_lib, {P + "ALLOWLIST_REMOVE": "MatMulV2,Softmax"})
-    assert p["sm"].reason.startswith("gray: follows r")
+    assert follows(p, "sm") == "r"
     p = env_plan(small_lib, {P + "CLEARLIST_ADD": "ReduceSum"})
-    assert p["rs"].dtype == "float16" and p["rs"].reason.startswith("gray")
+    assert p["rs"].dtype == "float16" and p["rs"].rule in GRAY
 
 
 def test_env_lists_use_tf_op_names_and_warn_on_unknown(small_lib):
@@ -192,7 +203,7 @@ def test_env_lists_apply_after_mixlist(tmp_path, small_lib):
     cfg = pp.RunConfig(precision_mode="allow_mix_precision", op_info=small_lib, modify_mixlist=f,
                        env={P + "DENYLIST_REMOVE": "Relu"})
     p = pp.plan(graph(G, ["rs:0"]), cfg)
-    assert p["r"].reason.startswith("gray")  # the env list had the last word
+    assert p["r"].rule in GRAY  # the env list had the last word
 
 
 def test_env_lists_read_from_os_environ(small_lib, monkeypatch):
@@ -210,4 +221,4 @@ def test_tf_alias_in_env_lists(small_lib):
     if "Sum" not in aliases:
         pytest.skip("no tensorflow alias table")
     p = env_plan(small_lib, {P + "DENYLIST_REMOVE": "Sum"})
-    assert p["rs"].reason.startswith("gray")
+    assert p["rs"].rule in GRAY

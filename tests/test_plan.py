@@ -7,6 +7,7 @@ import pytest
 import precision_policy as pp
 from precision_policy.errors import PlanFormatError
 from precision_policy.plan import CastPlan
+from precision_policy.rules import Rule
 
 from conftest import EXAMPLES, graph, plan
 
@@ -29,10 +30,13 @@ def test_json_has_every_node_and_cast_and_is_byte_stable(tmp_path):
     text = p1.to_json()
     assert text == p2.to_json()
     doc = json.loads(text)
-    assert doc["format"] == "precision_policy.cast_plan" and doc["version"] == 1
+    assert doc["format"] == "precision_policy.cast_plan" and doc["version"] == 2
     g = pp.OpGraph.from_json(TRANSFORMER)
     assert list(doc["nodes"]) == g.node_names
-    assert all({"dtype", "reason", "op", "origin", "inputs", "outputs"} <= set(v) for v in doc["nodes"].values())
+    assert all({"dtype", "reason", "rule", "op", "origin", "inputs", "outputs"} <= set(v) for v in doc["nodes"].values())
+    assert {Rule(v["rule"]) for v in doc["nodes"].values()} >= {Rule.SOURCE, Rule.WHITE, Rule.BLACK, Rule.GRAY_FOLLOWS}
+    assert all(("followed" in v) == (v["rule"] == "gray_follows") for v in doc["nodes"].values()
+               if v["rule"] != "control_flow")
     assert all({"tensor", "to", "from", "source", "consumers"} <= set(c) for c in doc["casts"])
     out = tmp_path / "plan.json"
     p1.to_json(out)
@@ -46,6 +50,72 @@ def test_json_round_trip():
     assert back.summary() == p.summary()
     assert back.diff(p).empty
     assert "why" in back.explain("loss/Mean")
+    assert [(d.rule, d.followed) for d in back] == [(d.rule, d.followed) for d in p]
+
+
+def _as_version_1(doc: dict) -> dict:
+    """A plan JSON as version 1 wrote it: no rule, no followed."""
+    doc = json.loads(json.dumps(doc))
+    doc["version"] = 1
+    for node in doc["nodes"].values():
+        node.pop("rule", None)
+        node.pop("followed", None)
+    return doc
+
+
+def test_version_1_plans_still_load():
+    p = pp.plan(TRANSFORMER, precision_mode="allow_mix_precision", use_env_lists=False)
+    old = CastPlan.from_dict(_as_version_1(p.to_dict()))
+    assert old.summary() == p.summary() and old.diff(p).empty
+    assert [d.converted for d in old] == [d.converted for d in p]
+    assert all(d.rule is None and d.followed is None for d in old)  # not recorded; the prose is not parsed back
+    assert [d.reason for d in old] == [d.reason for d in p]
+    assert "why" in old.explain("loss/Mean")
+    again = json.loads(old.to_json())
+    assert again["version"] == 2 and all("rule" not in v for v in again["nodes"].values())
+
+
+def test_version_1_plan_file_written_by_the_old_code_loads(tmp_path):
+    text = json.dumps({
+        "format": "precision_policy.cast_plan", "version": 1, "mode": "allow_mix_precision", "low_dtype": "float16",
+        "op_info": "ascend910", "config": {}, "keep_output_dtype": True,
+        "summary": "Converted 2/3 nodes to float16 precision using 1 cast(s) to float16 (excluding Const and Variable casts)",
+        "outputs": ["relu:0"],
+        "nodes": {
+            "x": {"op": "Placeholder", "origin": "float32", "dtype": "float32", "inputs": [], "outputs": ["float32"],
+                  "reason": "source (input)"},
+            "mm": {"op": "MatMulV2", "origin": "float32", "dtype": "float16", "inputs": ["float16", "float16"],
+                   "outputs": ["float16"], "reason": "white-list"},
+            "relu": {"op": "Relu", "origin": "float32", "dtype": "float16", "inputs": ["float16"],
+                     "outputs": ["float16"], "reason": "gray: follows mm"}},
+        "casts": [{"tensor": "x:0", "from": "float32", "to": "float16", "source": "input", "consumers": ["mm"],
+                   "fetch": False},
+                  {"tensor": "relu:0", "from": "float16", "to": "float32", "source": "op", "consumers": [],
+                   "fetch": True}],
+        "unknown_ops": {}, "warnings": []})
+    path = tmp_path / "old.json"
+    path.write_text(text)
+    old = CastPlan.from_json(path)
+    assert old["relu"].dtype == "float16" and old["relu"].rule is None and old["relu"].reason == "gray: follows mm"
+    assert old.summary() == json.loads(text)["summary"]
+    assert "gray chain" not in old.explain("relu")  # v1 recorded no followed node
+
+
+def test_unknown_rule_is_a_plan_format_error():
+    doc = pp.plan(CONV, precision_mode="allow_mix_precision", use_env_lists=False).to_dict()
+    next(iter(doc["nodes"].values()))["rule"] = "vibes"
+    with pytest.raises(PlanFormatError, match="unknown rule 'vibes'"):
+        CastPlan.from_dict(doc)
+
+
+def test_explain_chain_follows_names_with_spaces():
+    g = graph([("in put", "Placeholder", []), ("w", "Const", []), ("mat mul", "MatMulV2", ["in put:0", "w:0"]),
+               ("re lu", "Relu", ["mat mul:0"]), ("soft, max", "Relu", ["re lu:0"])], ["soft, max:0"])
+    p = pp.plan(g, precision_mode="allow_mix_precision", op_info="ascend910", use_env_lists=False)
+    assert (p["soft, max"].rule, p["soft, max"].followed) == (Rule.GRAY_FOLLOWS, "re lu")
+    assert (p["re lu"].rule, p["re lu"].followed) == (Rule.GRAY_FOLLOWS, "mat mul")
+    assert p["mat mul"].rule is Rule.WHITE
+    assert "gray chain   : soft, max <- re lu <- mat mul (white-list)" in p.explain("soft, max")
 
 
 def test_from_dict_rejects_foreign_documents():
@@ -55,6 +125,8 @@ def test_from_dict_rejects_foreign_documents():
         CastPlan.from_dict({"format": "precision_policy.cast_plan", "version": 99})
     with pytest.raises(PlanFormatError, match="malformed"):
         CastPlan.from_dict({"format": "precision_policy.cast_plan", "version": 1, "nodes": {"a": {}}, "casts": []})
+    with pytest.raises(PlanFormatError, match="malformed"):
+        CastPlan.from_dict({"format": "precision_policy.cast_plan", "version": 2, "nodes": {"a": {}}, "casts": []})
 
 
 def test_diff_shows_what_a_pin_changes(small_lib, tmp_path):

@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 import precision_policy as pp  # noqa: E402
 from precision_policy.backends.torch.eager import _busy, _out_dtypes  # noqa: E402
 from precision_policy.backends.torch.ops import func_label, op_type_of  # noqa: E402
+from precision_policy.rules import Rule  # noqa: E402
 from precision_policy.torch import apply, precision, prepare, trace, trace_fx  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 from torch_models import models_and_inputs, resnet_cnn  # noqa: E402
@@ -48,7 +49,7 @@ def test_eager_and_fx_give_every_op_the_plans_dtype(name, cfg_name):
     cfg = CONFIGS[cfg_name]
     traced = trace_fx(model, (x,))
     plan = pp.plan(traced.graph, cfg)
-    planned = [(d.op_type, d.dtype) for d in plan if not d.reason.startswith("source")]
+    planned = [(d.op_type, d.dtype) for d in plan if d.rule is not Rule.SOURCE]
     record: list = []
     with precision(cfg, model=model, record=record):
         model(x)

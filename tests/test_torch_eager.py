@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 import precision_policy as pp  # noqa: E402
 from precision_policy.backends.torch.eager import _out_dtypes  # noqa: E402
 from precision_policy.backends.torch.ops import func_label, is_inplace, op_type_of  # noqa: E402
+from precision_policy.rules import Rule  # noqa: E402
 from precision_policy.torch import precision, trace_fx  # noqa: E402
 
 BF16_AUTOCAST = pp.RunConfig(precision_mode="allow_mix_precision_bf16", op_info="torch_autocast_cpu", use_env_lists=False)
@@ -103,7 +104,7 @@ def test_inplace_residual_keeps_float32_like_autocast(give_model):
         with torch.no_grad(), precision(BF16_AUTOCAST, model=block, record=record):
             block(x)
         assert [(r.op_type, r.dtype) for r in record] == [
-            (d.op_type, d.dtype) for d in plan if not d.reason.startswith("source")]
+            (d.op_type, d.dtype) for d in plan if d.rule is not Rule.SOURCE]
         assert ("Mul", "float32") in [(r.op_type, r.dtype) for r in record]
 
 
@@ -188,12 +189,12 @@ def test_keep_dtype_by_module_path_keeps_the_same_ops_in_both_routes(tmp_path):
     model, x = _resnet()
     cfg = _keep_config(tmp_path, ["0", "3.conv2", "7"])  # stem conv, a block's second conv, the classifier
     plan = pp.plan(trace_fx(model, (x,)).graph, cfg)
-    fx_kept = {d.name: d.dtype for d in plan if "keep_dtype" in d.reason}
+    fx_kept = {d.name: d.dtype for d in plan if d.rule is Rule.KEEP_DTYPE}
     assert fx_kept == {"0": "float32", "3.conv2": "float32", "7": "float32"}
     record: list = []
     with precision(cfg, model=model, record=record):
         model(x)
-    kept = {r.name: r.dtype for r in record if "keep_dtype" in r.reason}
+    kept = {r.name: r.dtype for r in record if r.rule is Rule.KEEP_DTYPE}
     assert kept == fx_kept
     # every other conv and the matmuls are still lowered, as without the file
     assert {r.name: r.dtype for r in record if r.op_type == "Conv2D" and r.name not in kept} == {
@@ -216,7 +217,7 @@ def test_customize_dtypes_by_module_path_in_the_eager_route(tmp_path):
     with precision(cfg, model=model, record=record):
         model(x)
     (fc,) = [r for r in record if r.name == "7"]
-    assert fc.dtype == "float32" and fc.reason.startswith("customize_dtypes")
+    assert fc.dtype == "float32" and fc.rule is Rule.CUSTOMIZE_DTYPES
 
 
 def test_by_name_overrides_that_match_nothing_are_errors_naming_the_closest(tmp_path):
@@ -236,7 +237,7 @@ def test_by_name_overrides_that_match_nothing_are_errors_naming_the_closest(tmp_
     record: list = []
     with precision(_keep_config(tmp_path, ["3"]), model=model, record=record):
         model(x)
-    assert [(r.name, r.op_type) for r in record if "keep_dtype" in r.reason] == [("3", "Relu")]
+    assert [(r.name, r.op_type) for r in record if r.rule is Rule.KEEP_DTYPE] == [("3", "Relu")]
     # by-name overrides need the model, to know which module runs
     with pytest.raises(ConfigError, match="model=model"):
         with precision(_keep_config(tmp_path, ["7"])):
@@ -325,3 +326,20 @@ def test_fast_path_in_origin_dtype_when_the_mode_keeps_it():
             out = model(x)
     assert fused.fused and out.dtype == torch.float32
     torch.testing.assert_close(out, f32, rtol=0, atol=0)
+
+
+def test_cached_decisions_belong_to_their_config_and_by_name_configs_decide_per_op(tmp_path):
+    """Decisions are cached per RunConfig across contexts (prepare() opens one per forward): two
+    configs used in turn keep their own answers, and a by-name config still decides per module."""
+    model, x = _resnet()
+    fp32 = pp.RunConfig(precision_mode="force_fp32", op_info="torch_autocast_cpu", use_env_lists=False)
+    keep = _keep_config(tmp_path, ["7"])
+    for _ in range(2):
+        for cfg, want in ((BF16_AUTOCAST, "bfloat16"), (fp32, "float32"), (keep, "float32")):
+            record: list = []
+            with precision(cfg, model=model, record=record):
+                model(x)
+            fc = [r for r in record if r.op_type == "MatMulV2"]
+            assert [r.dtype for r in fc] == [want], (cfg.precision_mode, fc)
+            convs = {r.dtype for r in record if r.op_type == "Conv2D"}
+            assert convs == ({"float32"} if cfg is fp32 else {"bfloat16"})

@@ -14,6 +14,7 @@ import torch.nn as nn  # noqa: E402
 
 import precision_policy as pp  # noqa: E402
 from precision_policy.graph import OpGraph  # noqa: E402
+from precision_policy.rules import Rule  # noqa: E402
 from precision_policy.torch import apply, precision, trace, trace_fx  # noqa: E402
 from test_torch_backend import Observe  # noqa: E402
 
@@ -192,7 +193,7 @@ def test_fx_wrapped_helpers_are_traced_through():
     record: list = []
     with precision(BF16_AUTOCAST, model=model, record=record):
         model(x)
-    planned = [(d.op_type, d.dtype) for d in plan if not d.reason.startswith("source")]
+    planned = [(d.op_type, d.dtype) for d in plan if d.rule is not Rule.SOURCE]
     assert [(r.op_type, r.dtype) for r in record] == planned
     assert ("BatchMatMulV2", "bfloat16") in planned
     seen_fx, seen_autocast = Observe(), Observe()

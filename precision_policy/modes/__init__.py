@@ -1,5 +1,16 @@
 """Precision modes: one policy object per mode, found by name or alias.
 
+Read top-down:
+
+- :mod:`~precision_policy.modes.base`: :class:`PrecisionMode`, the policy object: one dtype for one op.
+- :mod:`~precision_policy.modes.standard`: the modes of DESIGN.md's table.
+- :mod:`~precision_policy.modes.decider`: :class:`~precision_policy.modes.decider.NodeDecider`, one node
+  (overrides, then the mode, then the kernel variant's tensor dtypes), shared by every route.
+- :mod:`~precision_policy.modes.planner`: :func:`~precision_policy.modes.planner.plan`, a whole graph
+  in numbered passes, and :mod:`~precision_policy.modes.loops` for TF v1 loops and list handles.
+- :mod:`precision_policy.rules` names the rule behind each decision; :mod:`precision_policy.optypes`
+  the op taxonomy (sources, pass-through, control flow, data movement).
+
 Example:
     >>> from precision_policy import modes
     >>> modes.get("allow_mix_precision_fp16").name

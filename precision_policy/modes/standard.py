@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from precision_policy.modes.base import BF16, F16, F32, F64, Decision, NoKernel, PrecisionMode, choose
 from precision_policy.opinfo.library import BLACK, WHITE, OpInfo
+from precision_policy.rules import Rule
 
 
 def _keep_f64(info: OpInfo, origin: str) -> Decision:
-    return choose(info, (F64, F32), "float64 op: precision modes act on float32 and 16-bit ops", origin)
+    return choose(info, (F64, F32), "float64 op: precision modes act on float32 and 16-bit ops", origin,
+                  Rule.FLOAT64)
 
 
 class ForceFP32(PrecisionMode):
@@ -36,7 +38,7 @@ class MustKeepOriginDtype(PrecisionMode):
 
     def decide(self, info: OpInfo, flag: str, origin: str, follow: str | None) -> Decision:
         if info.supports(origin):
-            return origin, "must_keep_origin_dtype", None
+            return Decision(origin, "must_keep_origin_dtype", None, Rule.MODE)
         raise NoKernel(f"no {origin} kernel; the library supports {info.describe_dtypes()}")
 
 
@@ -50,7 +52,7 @@ class AllowFP32ToLow(PrecisionMode):
             return _keep_f64(info, origin)
         if origin == F32:
             if self.cube_to_low and info.heavy and info.supports(self.low):
-                return self.low, "cube op", None
+                return Decision(self.low, "cube op", None, Rule.MODE)
             return choose(info, (F32, self.low), "keeps float32" + (" (vector op)" if self.cube_to_low else ""), origin)
         return choose(info, (origin, F32, self.low), "keeps its origin dtype", origin)
 
@@ -106,7 +108,7 @@ class AllowMixPrecision(PrecisionMode):
     def _base(self, info: OpInfo, origin: str) -> Decision:
         if origin == F32:
             if self.low == F16 and info.heavy and info.supports(F16):
-                return F16, "cube op", None
+                return Decision(F16, "cube op", None, Rule.MODE)
             return choose(info, (F32, self.low), "keeps float32", origin)
         return choose(info, (origin, F32, self.low), "keeps its origin dtype", origin)
 
@@ -115,24 +117,24 @@ class AllowMixPrecision(PrecisionMode):
             return _keep_f64(info, origin)
         low = self.low
         if flag == WHITE:
-            d, why, warn = choose(info, (low, origin, F32), "white-list", origin)
+            d, why, warn, _ = choose(info, (low, origin, F32), "white-list", origin, Rule.WHITE)
             if d != low:
                 why = f"white-list, but {why}"
                 warn = warn or f"{info.op_type} is white-listed but the library has no {low} kernel; runs in {d}"
-            return d, why, warn
+            return Decision(d, why, warn, Rule.WHITE)
         if flag == BLACK:
             if info.supports(origin):
-                return origin, "black-list", None
+                return Decision(origin, "black-list", None, Rule.BLACK)
             raise NoKernel(f"black-listed op has no {origin} kernel (supports: {info.describe_dtypes()})")
         if follow is not None:
             if info.supports(follow):
-                return follow, "gray: follows", None
-            d, why, _ = choose(info, (origin, F32, low), f"no {follow} kernel, keeps {origin}", origin)
-            if why == f"no {follow} kernel, keeps {origin}":
-                return d, why, None
-            return d, f"no {follow} kernel; {why}", None
-        d, why, warn = self._base(info, origin)
-        return d, f"gray, fed only by constants/variables: {why}", warn
+                return Decision(follow, "gray: follows", None, Rule.GRAY_FOLLOWS)
+            d, why, _, rule = choose(info, (origin, F32, low), f"no {follow} kernel, keeps {origin}", origin)
+            if rule is Rule.MODE:  # its origin dtype, the first preference
+                return Decision(d, why, None, Rule.FALLBACK_KERNEL)
+            return Decision(d, f"no {follow} kernel; {why}", None, Rule.FALLBACK_KERNEL)
+        d, why, warn, _ = self._base(info, origin)
+        return Decision(d, f"gray, fed only by constants/variables: {why}", warn, Rule.GRAY_UNFED)
 
 
 class AllowMixPrecisionFP16(AllowMixPrecision):

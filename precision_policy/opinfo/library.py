@@ -83,7 +83,7 @@ class OpInfo:
     def describe_dtypes(self) -> str:
         if not self.declares_dtypes:
             return "no dtype lists declared (any dtype)"
-        floats = sorted(self.float_dtypes, key=lambda d: -dtypes.rank(d))
+        floats = sorted(self.float_dtypes, key=lambda d: (-dtypes.rank(d), d))  # float16 and bfloat16 tie on rank
         return ", ".join(floats) if floats else "no float kernels"
 
 

@@ -2,7 +2,7 @@
 
 It sits above autograd, so ``loss.backward()`` differentiates through the casts it
 inserts, and works on any module, traceable or not. Every decision comes from the
-core's :class:`~precision_policy.modes.base.NodeDecider` (white -> low, black ->
+core's :class:`~precision_policy.modes.decider.NodeDecider` (white -> low, black ->
 origin, gray -> the dtype of its computed inputs); this module only casts.
 
 Example:
@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import difflib
+import os
 import threading
 import weakref
 from contextlib import contextmanager
@@ -31,7 +32,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from precision_policy.backends.torch.ops import func_label, op_type_of, writes_in_place
 from precision_policy.config import RunConfig
 from precision_policy.errors import ConfigError, OverrideError, PrecisionError
-from precision_policy.modes.base import VARIABLE, NodeDecider
+from precision_policy.modes.decider import VARIABLE, NodeDecider
+from precision_policy.opinfo.overrides import ENV_PREFIX
+from precision_policy.rules import Rule
 
 _state = threading.local()
 
@@ -52,10 +55,12 @@ def _busy() -> bool:
 class _OpRecord:
     """One intercepted call, for tests and reports."""
 
-    __slots__ = ("label", "op_type", "dtype", "reason", "out_dtypes", "name")
+    __slots__ = ("label", "op_type", "dtype", "reason", "out_dtypes", "name", "rule")
 
-    def __init__(self, label: str, op_type: str, dtype: str, reason: str, out_dtypes: tuple, name: str = "") -> None:
+    def __init__(self, label: str, op_type: str, dtype: str, reason: str, out_dtypes: tuple, name: str = "",
+                 rule: Rule | None = None) -> None:
         self.label = label
+        self.rule = rule  # the decider's Rule: what tests and tools read (the reason is for people)
         self.name = name or label  # the module path naming the op when by-name overrides are in force
         self.op_type = op_type
         self.dtype = dtype
@@ -90,13 +95,18 @@ class PrecisionFunctionMode(TorchFunctionMode):
         self._ops: dict[Any, str | None] = {}
         self._weights: dict[tuple[int, torch.dtype], tuple[int, torch.Tensor, torch.Tensor]] = {}
         self._torch_dtypes = dict(TO_TORCH)
+        # (func, origin, input dtypes, voters) -> decision; shared by the contexts of one RunConfig
+        # (see _shared_decisions), and keys whose decision warned or named an unknown op, which
+        # are decided afresh in every context so that each context's decider reports them
+        self._decisions: dict[tuple, tuple] = {}
+        self._noisy: set[tuple] = set()
         # With the model known, every tensor but its parameters and buffers votes for gray ops
         # (graph inputs included), and parameters and buffers vote as variables (where torch's
         # type promotion counts them), exactly as in a traced graph. Without it, tensors that a
         # computation produced vote, and leaves that want grad vote as variables.
-        self._state_ids: set[int] | None = None
+        self._state_ids: dict[int, Any] | None = None  # id -> its vote (parameters and buffers)
         if model is not None:
-            self._state_ids = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
+            self._state_ids = _model_facts(model)[0]
         # by-name overrides (keep_dtype / customize_dtypes naming module paths) need to know which
         # module is running: only then are module hooks installed (see ModulePaths)
         self._names: ModulePaths | None = None
@@ -133,6 +143,105 @@ class PrecisionFunctionMode(TorchFunctionMode):
             return out
         return t.to(dt)
 
+    def _fast(self, func, op, args, kwargs, found):
+        """__torch_function__ for calls whose float tensors are arguments or elements of list/tuple
+        arguments (see :func:`_float_leaves`), when decisions do not depend on module paths."""
+        if not found:
+            return func(*args, **kwargs)
+        origin = self.origin
+        state_ids = self._state_ids
+        in_dtypes = []
+        voters = []
+        for _, _, leaf in found:
+            dt = leaf.dtype
+            in_dtypes.append(dt)
+            if state_ids is not None:
+                voters.append(state_ids.get(id(leaf), True))
+            elif leaf.grad_fn is not None or getattr(leaf, "_pp_computed", False):
+                voters.append(True)
+            else:  # a parameter (a leaf that wants grad) votes as a variable, as in a trace
+                voters.append(VARIABLE if leaf.requires_grad and leaf.dim() > 0 else False)
+            if dt is torch.float64:
+                origin = "float64"
+        key = (func, origin, tuple(in_dtypes), tuple(voters))
+        hit = self._decisions.get(key)
+        if hit is None:
+            hit = self._decide(func, op, origin, in_dtypes, voters)
+        label, d, why, want, emulate, rule = hit
+        if want is not None:
+            args, kwargs = self._cast_inputs(args, kwargs, found, want, in_dtypes)
+        _state.busy = True
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            _state.busy = False
+        if emulate:
+            out = _to_dtype(out, torch.float32, torch.float16)
+        if state_ids is None and not torch.is_grad_enabled():
+            _mark_computed(out)
+        if self.record is not None:
+            self.record.append(_OpRecord(label, op, d, why, _out_dtypes(out), label, rule))
+        return out
+
+    def _decide(self, func, op, origin, in_dtypes, voters):
+        label = func_label(func)
+        names = tuple(FROM_TORCH[dt] for dt in in_dtypes)
+        decider = self.decider
+        n_warnings = len(decider.warnings)
+        choice = decider.decide_node(
+            label, op, origin, names, tuple(voters), (origin,), producers=("its input",) * len(names))
+        d, why, want_in = choice.dtype, choice.reason, choice.inputs
+        if decider.problems:
+            self.raise_problems()  # not cached: raised on every call, as the general path does
+        key = (func, origin, tuple(in_dtypes), tuple(voters))
+        if len(decider.warnings) != n_warnings or op not in decider._known:
+            self._noisy.add(key)
+        emulate = d == "float16" and not self.native_fp16
+        want = tuple("emulated" if emulate and w == "float16" else (self._torch_dtypes[w] if w != have else None)
+                     for w, have in zip(want_in, names))
+        hit = (label, d, why, want if any(w is not None for w in want) else None, emulate, choice.rule)
+        if key not in self._noisy:
+            try:
+                self._decisions[key] = hit
+            except TypeError:  # an unhashable callable
+                pass
+        return hit
+
+    def _cast_inputs(self, args, kwargs, found, want, in_dtypes):
+        """Replace the float inputs that ``want`` casts: one cast per (tensor, dtype) per call, as
+        autocast's cast cache (mha(x, x, x) keeps ``query is key``)."""
+        casts = {}
+        args = list(args)
+        kwargs = dict(kwargs)
+        nested = {}
+        for (where, j, leaf), w, have in zip(found, want, in_dtypes):
+            if w is None:
+                continue
+            key = (id(leaf), w)
+            new = casts.get(key)
+            if new is None:
+                if w == "emulated":
+                    low = leaf if have is torch.float16 else self._cast(leaf, torch.float16)
+                    new = low.to(torch.float32)
+                else:
+                    new = self._cast(leaf, w)
+                casts[key] = new
+            if j is not None:  # an element of a list/tuple argument (torch.cat([a, b]))
+                if where not in nested:
+                    src = args[where] if isinstance(where, int) else kwargs[where]
+                    nested[where] = (type(src), list(src))
+                nested[where][1][j] = new
+            elif isinstance(where, int):
+                args[where] = new
+            else:
+                kwargs[where] = new
+        for where, (typ, items) in nested.items():
+            if isinstance(where, int):
+                args[where] = typ(items)
+            else:
+                kwargs[where] = typ(items)
+        return tuple(args), kwargs
+
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: C901 - the hot path, kept flat
         kwargs = kwargs or {}
         if _busy():
@@ -156,6 +265,10 @@ class PrecisionFunctionMode(TorchFunctionMode):
             # autocast: type promotion computes them in the wider dtype, and casting the target
             # would write into a copy
             return func(*args, **kwargs)
+        if self._names is None:
+            found = _float_leaves(args, kwargs)
+            if found is not None:  # flat arguments (all but a few calls): no pytree, decisions cached per call shape
+                return self._fast(func, op, args, kwargs, found)
         flat, spec = tree_flatten((args, kwargs))
         pos: list[int] = []
         in_dtypes: list[str] = []
@@ -181,9 +294,10 @@ class PrecisionFunctionMode(TorchFunctionMode):
             return func(*args, **kwargs)
         label = func_label(func)
         name = label if self._names is None else self._names.op_name(label)
-        d, why, want_in, _, _ = self.decider.decide_node(
+        choice = self.decider.decide_node(
             name, op, origin, tuple(in_dtypes), tuple(voters), (origin,), producers=("its input",) * len(pos)
         )
+        d, want_in = choice.dtype, choice.inputs
         if self.decider.problems:
             self.raise_problems()
         emulate = d == "float16" and not self.native_fp16
@@ -220,8 +334,43 @@ class PrecisionFunctionMode(TorchFunctionMode):
         if self._state_ids is None and not torch.is_grad_enabled():
             _mark_computed(out)
         if self.record is not None:
-            self.record.append(_OpRecord(label, op, d, why, _out_dtypes(out), name))
+            self.record.append(_OpRecord(label, op, d, choice.reason, _out_dtypes(out), name, choice.rule))
         return out
+
+
+_Tensor = torch.Tensor
+_SEQ = (list, tuple, torch.Size)
+
+
+def _float_leaves(args: tuple, kwargs: dict) -> list | None:
+    """The float tensors of a call as ``(arg index or kwarg name, index in a list/tuple argument or
+    None, tensor)``, in ``tree_flatten`` order; None when a tensor sits deeper (the general path)."""
+    found = []
+    i = -1
+    for a in args:
+        i += 1
+        ta = type(a)
+        if ta is int or ta is float or ta is bool or a is None:
+            continue
+        if isinstance(a, _Tensor):
+            if a.dtype in _FLOATS:
+                found.append((i, None, a))
+        elif ta in _SEQ:
+            for j, e in enumerate(a):
+                if isinstance(e, _Tensor):
+                    if e.dtype in _FLOATS:
+                        found.append((i, j, e))
+                elif isinstance(e, (list, tuple, dict)):
+                    return None
+        elif isinstance(a, (list, tuple, dict)):  # a namedtuple, a dict...
+            return None
+    for k, a in kwargs.items():
+        if isinstance(a, _Tensor):
+            if a.dtype in _FLOATS:
+                found.append((k, None, a))
+        elif isinstance(a, (list, tuple, dict)):
+            return None
+    return found
 
 
 def _to_dtype(out: Any, src: torch.dtype, dst: torch.dtype) -> Any:
@@ -433,8 +582,9 @@ class _FastPathForward:
             return forward(module, *args, **kwargs)
         have = FROM_TORCH[src.dtype]
         name = self.label if mode._names is None else mode._names.op_name(self.label)
-        d, why, _, _, _ = mode.decider.decide_node(name, self.op, origin, (have,), (True,), (origin,),
-                                                   producers=("its input",))
+        choice = mode.decider.decide_node(name, self.op, origin, (have,), (True,), (origin,),
+                                          producers=("its input",))
+        d = choice.dtype
         if mode.decider.problems:
             mode.raise_problems()
         if d not in TO_TORCH or (d == "float16" and not mode.native_fp16 and d != origin):
@@ -444,7 +594,7 @@ class _FastPathForward:
         with torch._C.DisableTorchFunction(), torch.autocast(src.device.type, dtype=TO_TORCH[d], enabled=d != origin):
             out = forward(module, *args, **kwargs)
         if mode.record is not None:
-            mode.record.append(_OpRecord(self.label, self.op, d, why, _out_dtypes(out), name))
+            mode.record.append(_OpRecord(self.label, self.op, d, choice.reason, _out_dtypes(out), name, choice.rule))
         return out
 
 
@@ -453,8 +603,8 @@ def _fast_paths(model: torch.nn.Module | None, mode: PrecisionFunctionMode) -> I
     """Route the fused fast paths of ``model``'s attention modules through the mode (FAST_PATH_OPS)."""
     patched = []
     if model is not None and mode.decider is not None:
-        for m in model.modules():
-            if type(m) in FAST_PATH_OPS and "forward" not in m.__dict__:
+        for m in _model_facts(model)[1]:
+            if "forward" not in m.__dict__:
                 m.forward = _FastPathForward(m, mode)
                 patched.append(m)
     try:
@@ -462,6 +612,74 @@ def _fast_paths(model: torch.nn.Module | None, mode: PrecisionFunctionMode) -> I
     finally:
         for m in patched:
             m.__dict__.pop("forward", None)
+
+
+#: Bumped whenever any module anywhere registers a parameter, buffer or submodule (torch's global
+#: registration hooks), which invalidates the per-model facts below.
+_GENERATION = [0]
+
+
+def _bump(*_: Any) -> None:
+    _GENERATION[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_bump)
+torch.nn.modules.module.register_module_buffer_registration_hook(_bump)
+torch.nn.modules.module.register_module_module_registration_hook(_bump)
+
+_FACTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, dict[int, Any], list[torch.nn.Module]]]" = (
+    weakref.WeakKeyDictionary())
+
+
+def _model_facts(model: torch.nn.Module) -> tuple[dict[int, Any], list[torch.nn.Module]]:
+    """ids of the model's parameters and buffers, and its fast-path modules, walked once per
+    change of any module's registrations (not once per step)."""
+    hit = _FACTS.get(model)
+    if hit is not None and hit[0] == _GENERATION[0]:
+        return hit[1], hit[2]
+    gen = _GENERATION[0]
+    # parameters and buffers vote as torch's type promotion counts them: as variables unless 0-dim
+    ids = {id(t): (VARIABLE if t.dim() > 0 else False) for t in (*model.parameters(), *model.buffers())}
+    fast = [m for m in model.modules() if type(m) in FAST_PATH_OPS]
+    try:
+        _FACTS[model] = (gen, ids, fast)
+    except TypeError:
+        pass
+    return ids, fast
+
+
+#: RunConfig (by identity; the entry holds it) -> the decisions its contexts share. A RunConfig is
+#: frozen; its override files are read once per RunConfig object (make a new one to re-read them).
+_SHARED: dict[tuple, tuple[RunConfig, dict, set]] = {}
+
+
+def _shared_decisions(config: RunConfig, native_fp16: bool, origin: str) -> tuple[dict, set]:
+    """The decision cache the contexts of ``config`` share (see PrecisionFunctionMode._decide)."""
+    env = ()
+    if config.use_env_lists and config.env is None and config.mode.mixed:
+        env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(ENV_PREFIX)))
+    key = (id(config), native_fp16, origin, env)
+    hit = _SHARED.get(key)
+    if hit is None or hit[0] is not config:
+        if len(_SHARED) >= 64:
+            _SHARED.clear()
+        hit = _SHARED[key] = (config, {}, set())
+    return hit[1], hit[2]
+
+
+_LIBRARIES: dict[int, tuple[RunConfig, Any]] = {}
+
+
+def _decider_for_cached(config: RunConfig) -> NodeDecider:
+    """decider_for, with the library loaded (and its files checked) once per RunConfig object."""
+    hit = _LIBRARIES.get(id(config))
+    if hit is None or hit[0] is not config:
+        if len(_LIBRARIES) >= 64:
+            _LIBRARIES.clear()
+        hit = _LIBRARIES[id(config)] = (config, config.library())
+    library = hit[1]
+    return NodeDecider(config.mode, library, config.overrides(library), dedupe=True,
+                       gray_disagreement=config.gray_disagreement)
 
 
 def decider_for(config: RunConfig) -> NodeDecider:
@@ -495,11 +713,13 @@ def precision(
         config = RunConfig(**settings)
     elif settings:
         config = RunConfig(**{**config.model_dump(), **settings})
-    decider = decider_for(config) if enabled else None
+    decider = _decider_for_cached(config) if enabled else None
     if native_fp16 is None:
         native_fp16 = config.native_fp16
-    mode = PrecisionFunctionMode(decider, native_fp16=native_fp16, record=record, model=model,
-                                 origin=FROM_TORCH.get(torch.get_default_dtype(), "float32"))
+    origin = FROM_TORCH.get(torch.get_default_dtype(), "float32")
+    mode = PrecisionFunctionMode(decider, native_fp16=native_fp16, record=record, model=model, origin=origin)
+    if decider is not None and not decider.by_name:
+        mode._decisions, mode._noisy = _shared_decisions(config, native_fp16, origin)
     saved = _busy()
     _state.busy = False
     names = mode._names

@@ -30,7 +30,7 @@ from precision_policy.backends.torch.scaler import LossScaler
 from precision_policy.config import RunConfig
 from precision_policy.errors import ConfigError, PrecisionError
 from precision_policy.loss_scale import DynamicLossScale
-from precision_policy.modes.base import _problem_message
+from precision_policy.modes.decider import problem_message
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def check_modules(model: torch.nn.Module, config: RunConfig) -> None:
         ins = (origin,) * (1 + len(floats))
         decider.decide_node(path or type(module).__name__, op, origin, ins, (True,) + (False,) * len(floats), (origin,))
     if decider.problems:
-        raise PrecisionError(_problem_message(config.mode.name, decider.library, decider.problems), decider.problems)
+        raise PrecisionError(problem_message(config.mode.name, decider.library, decider.problems), decider.problems)
 
 
 _NOT_CHANGED = object()
