@@ -86,7 +86,8 @@ def main() -> None:
             plan = pp.plan(g, config)
             best = min(best, time.perf_counter() - t0)
         rows.append((n, build, best, plan.summary()))
-        print(f"{n:>9} nodes: build+resolve {build:6.2f} s, plan {best:6.3f} s, {best / n * 1e6:6.2f} us/node   [{plan.summary()}]", flush=True)
+        print(f"{n:>9} nodes: build+resolve {build:6.2f} s, plan {best:6.3f} s, {best / n * 1e6:6.2f} us/node"
+              f"   [{plan.summary()}]", flush=True)
     base = rows[0][2] / rows[0][0]
     print()
     for n, _, t, _ in rows:

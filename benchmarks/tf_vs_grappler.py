@@ -34,6 +34,7 @@ import tensorflow as tf  # noqa: E402
 
 import precision_policy as pp  # noqa: E402
 from precision_policy.backends.tensorflow.convert import rewrite_with_plan  # noqa: E402
+
 from tf_helpers import BF16, grappler_bf16_pass, low_nodes, runtime_casts  # noqa: E402
 from tf_models import ZOO, build  # noqa: E402
 
@@ -85,7 +86,7 @@ def chain_graph(n: int) -> tuple[tf.compat.v1.GraphDef, list[str]]:
     rng = np.random.RandomState(0)
     with g.as_default():
         h = tf.compat.v1.placeholder(tf.float32, [4, 16], name="x")
-        for k in range(max(1, n // 8)):
+        for _ in range(max(1, n // 8)):
             w = tf.constant(rng.randn(16, 16).astype("float32") * 0.1)
             b = tf.constant(rng.randn(16).astype("float32") * 0.1)
             h = h + tf.nn.relu(tf.nn.bias_add(tf.matmul(h, w), b)) * 0.5

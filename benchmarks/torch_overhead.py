@@ -46,6 +46,7 @@ import precision_policy as pp  # noqa: E402
 from precision_policy.backends.torch.inference import convert_for_inference  # noqa: E402
 from precision_policy.errors import PrecisionPolicyError  # noqa: E402
 from precision_policy.torch import apply, precision, trace  # noqa: E402
+
 from torch_models import BasicBlock  # noqa: E402
 
 CONFIG = pp.RunConfig(precision_mode="allow_mix_precision_bf16", op_info="torch_autocast_cpu", use_env_lists=False,

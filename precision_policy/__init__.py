@@ -8,7 +8,9 @@ Example:
     'Converted 4/8 nodes to float16 precision using 0 cast(s) to float16 (excluding Const and Variable casts)'
 """
 
-from precision_policy import backends, dtypes, modes  # backends: registers the model formats they read
+from importlib import metadata as _metadata
+
+from precision_policy import backends, dtypes, modes  # noqa: F401  (backends: imported to register the model formats they read)
 from precision_policy.api import plan
 from precision_policy.config import RunConfig
 from precision_policy.errors import (
@@ -25,7 +27,10 @@ from precision_policy.graph import Node, OpGraph, load_graph
 from precision_policy.opinfo import Library, OpInfo, load_library
 from precision_policy.plan import CastPlan, NodeDecision, PlanDiff
 
-__version__ = "0.1.0"
+try:  # the version lives in pyproject.toml only
+    __version__ = _metadata.version("precision-policy")
+except _metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "CastPlan",

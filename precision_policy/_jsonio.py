@@ -16,9 +16,10 @@ Example:
 from __future__ import annotations
 
 import json
-from json.decoder import scanstring
+from collections.abc import Callable
+from json.decoder import scanstring  # type: ignore[attr-defined]  # public at runtime, absent from typeshed
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 __all__ = ["DuplicateKey", "find_duplicate_key", "load_json_file", "loads_json_text"]
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import difflib
+from pathlib import Path
 
 from precision_policy.config import RunConfig
 from precision_policy.errors import OverrideError
@@ -48,7 +47,7 @@ def plan(graph: OpGraph | str | Path, config: RunConfig | None = None, **setting
         precision_policy.errors.ConfigError: RunConfig.precison_mode: unknown setting; did you mean 'precision_mode'? ...
     """
     if config is None:
-        config = RunConfig(**settings)  # type: ignore[arg-type]
+        config = RunConfig(**settings)
     elif settings:
         # validated as a whole, as a new RunConfig: a misspelt keyword is a ConfigError naming the closest
         # setting (model_copy(update=...) would drop it silently and plan with the config unchanged)
@@ -56,11 +55,11 @@ def plan(graph: OpGraph | str | Path, config: RunConfig | None = None, **setting
         if {"precision_mode", "precision_mode_v2"} & settings.keys():  # a mode given here replaces the config's
             base.pop("precision_mode", None)
             base.pop("precision_mode_v2", None)
-        config = RunConfig(**{**base, **settings})  # type: ignore[arg-type]
+        config = RunConfig(**{**base, **settings})
     if not isinstance(graph, OpGraph):
         graph = load_graph(graph)
     library = config.library()
-    overrides = config.overrides(library)
+    overrides = config.overrides(library, env_lists_default=graph.env_lists)
     check_override_names(graph, overrides)
     return plan_graph(
         config.mode,

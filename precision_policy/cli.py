@@ -10,8 +10,9 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from precision_policy import modes as modes_mod
 from precision_policy.errors import PrecisionError, PrecisionPolicyError
@@ -23,7 +24,7 @@ def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
 
 
-def _table(rows: list[Sequence[str]], header: Sequence[str]) -> str:
+def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     widths = [max(len(str(r[k])) for r in [header, *rows]) for k in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
@@ -37,7 +38,10 @@ def cmd_modes(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(
             {
-                "modes": [{"name": n, "aliases": a.split(", ") if a != "-" else [], "low_dtype": lo, "description": d} for n, a, lo, d in rows],
+                "modes": [
+                    {"name": n, "aliases": a.split(", ") if a != "-" else [], "low_dtype": lo, "description": d}
+                    for n, a, lo, d in rows
+                ],
                 "precision_mode_v2": modes_mod.V2_NAMES,
                 "default": modes_mod.DEFAULT_MODE,
             }
@@ -97,6 +101,8 @@ def _config(args: argparse.Namespace):
         settings["native_fp16"] = True
     if getattr(args, "gray_disagreement", None):
         settings["gray_disagreement"] = args.gray_disagreement
+    if getattr(args, "env_lists", None):
+        settings["use_env_lists"] = args.env_lists == "on"
     return RunConfig(**settings)
 
 
@@ -119,7 +125,7 @@ class _Collect(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
 
-    def __enter__(self) -> "_Collect":
+    def __enter__(self) -> _Collect:
         for name in self.loggers:
             logger = logging.getLogger(name)
             self._saved.append((logger, logger.level, logger.propagate))
@@ -314,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--gray-disagreement", choices=["widest", "low"],
                        help="a gray op whose inputs arrive in different dtypes follows the widest (default, as torch) "
                             "or the low one (as TensorFlow's AMP)")
+        p.add_argument("--env-lists", choices=["on", "off"],
+                       help="apply TF's TF_AUTO_MIXED_PRECISION_GRAPH_REWRITE_* lists (mixed modes); default: on for "
+                            "TensorFlow graphs (.pb/.pbtxt/SavedModel), off for graph JSON")
         add_json(p)
 
     def add_plan_args(p: argparse.ArgumentParser) -> None:

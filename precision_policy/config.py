@@ -19,8 +19,9 @@ Example:
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -67,24 +68,31 @@ class RunConfig(BaseModel):
         native_fp16: run float16 ops on real float16 kernels. By default float16 is emulated on
             the CPU (float16 storage, so values round at every op boundary; float32 compute), as
             TensorFlow's auto_mixed_precision_cpu does: CPU float16 kernels are ~100x slower.
-        use_env_lists: read TF's ``TF_AUTO_MIXED_PRECISION_GRAPH_REWRITE_*`` lists from ``env``.
+        use_env_lists: whether TensorFlow's ``TF_AUTO_MIXED_PRECISION_GRAPH_REWRITE_*`` lists (read
+            from ``env``; mixed modes only) move op types between the lists. ``True`` or ``False``
+            is obeyed on every route. ``None`` (the default) means "where TensorFlow users expect
+            them": on for TensorFlow graphs (the TF backend's convert, Session and Keras routes;
+            the CLI on ``.pb``/``.pbtxt``/SavedModel; graphs built in Python), off for torch
+            (``precision``, ``prepare``, a ``trace`` planned with ``plan``, export, inference) and
+            for graph JSON files. A graph says which with :attr:`OpGraph.env_lists
+            <precision_policy.graph.OpGraph>`; see :meth:`env_lists_apply`.
         env: the environment to read them from; None means ``os.environ`` at planning time.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
-    precision_mode: Optional[str] = None
-    precision_mode_v2: Optional[str] = None
-    op_info: Union[str, Path] = DEFAULT_OP_INFO
-    modify_mixlist: Optional[Path] = None
-    keep_dtype: Optional[Path] = None
-    customize_dtypes: Optional[Path] = None
-    loss_scale: Optional[Union[bool, float, int, str, dict]] = None
+    precision_mode: str | None = None
+    precision_mode_v2: str | None = None
+    op_info: str | Path = DEFAULT_OP_INFO
+    modify_mixlist: Path | None = None
+    keep_dtype: Path | None = None
+    customize_dtypes: Path | None = None
+    loss_scale: bool | float | int | str | dict | None = None
     keep_output_dtype: bool = True
     native_fp16: bool = False
     gray_disagreement: Literal["widest", "low"] = "widest"
-    use_env_lists: bool = True
-    env: Optional[dict[str, str]] = Field(default=None, repr=False)
+    use_env_lists: bool | None = None
+    env: dict[str, str] | None = Field(default=None, repr=False)
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -101,21 +109,21 @@ class RunConfig(BaseModel):
 
     @field_validator("precision_mode")
     @classmethod
-    def _known_mode(cls, value: Optional[str]) -> Optional[str]:
+    def _known_mode(cls, value: str | None) -> str | None:
         if value is not None:
             modes.get(value)
         return value
 
     @field_validator("precision_mode_v2")
     @classmethod
-    def _known_mode_v2(cls, value: Optional[str]) -> Optional[str]:
+    def _known_mode_v2(cls, value: str | None) -> str | None:
         if value is not None:
             modes.get_v2(value)
         return value
 
     @field_validator("op_info")
     @classmethod
-    def _library_exists(cls, value: Union[str, Path]) -> Union[str, Path]:
+    def _library_exists(cls, value: str | Path) -> str | Path:
         from precision_policy.opinfo.library import resolve_library_path
 
         if isinstance(value, str) and not value.strip():  # Path("") is the current folder: never what was meant
@@ -139,7 +147,7 @@ class RunConfig(BaseModel):
         return from_config(self.loss_scale)
 
     @model_validator(mode="after")
-    def _one_mode(self) -> "RunConfig":
+    def _one_mode(self) -> RunConfig:
         if self.precision_mode is not None and self.precision_mode_v2 is not None:
             raise ValueError(
                 "precision_mode and precision_mode_v2 are both set; set one of them "
@@ -163,13 +171,33 @@ class RunConfig(BaseModel):
         """Load (cached) the op-info library."""
         return load_library(self.op_info)
 
-    def overrides(self, library: Library | None = None) -> Overrides:
-        """Load every override file and the env lists against ``library``."""
+    def env_lists_apply(self, default: bool = True) -> bool:
+        """Whether the env lists apply: ``use_env_lists`` when set, else the route's ``default``
+        (True for TensorFlow graphs, False for torch and graph JSON), and only in mixed modes.
+
+        Example:
+            >>> cfg = RunConfig(precision_mode="allow_mix_precision")
+            >>> cfg.env_lists_apply(default=True), cfg.env_lists_apply(default=False)
+            (True, False)
+            >>> RunConfig(precision_mode="allow_mix_precision", use_env_lists=True).env_lists_apply(default=False)
+            True
+            >>> RunConfig(precision_mode="force_fp16", use_env_lists=True).env_lists_apply()
+            False
+        """
+        wanted = default if self.use_env_lists is None else self.use_env_lists
+        return wanted and self.mode.mixed
+
+    def overrides(self, library: Library | None = None, *, env_lists_default: bool = True) -> Overrides:
+        """Load every override file and the env lists against ``library``.
+
+        ``env_lists_default`` is what ``use_env_lists=None`` means on the caller's route
+        (see :meth:`env_lists_apply`).
+        """
         lib = library if library is not None else self.library()
         ov = Overrides()
         if self.modify_mixlist is not None:
             ov.flags.update(load_mixlist(self.modify_mixlist, lib))
-        if self.use_env_lists and self.mode.mixed:
+        if self.env_lists_apply(env_lists_default):
             env: Mapping[str, str] = self.env if self.env is not None else os.environ
             changes, warnings = env_flag_changes(env, lib, ov.flags)
             ov.flags.update(changes)

@@ -21,6 +21,7 @@ import difflib
 from functools import lru_cache
 
 import numpy as np
+import numpy.typing as npt
 
 from precision_policy.errors import DTypeError
 
@@ -180,7 +181,7 @@ def to_numpy(name: str) -> np.dtype:
     return np.dtype(canon)
 
 
-def from_numpy(dtype: object) -> str:
+def from_numpy(dtype: npt.DTypeLike) -> str:
     """Canonical name of a numpy (or ml_dtypes) dtype."""
     return canonical(np.dtype(dtype).name)
 

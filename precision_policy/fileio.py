@@ -56,8 +56,8 @@ import re
 import secrets
 import shutil
 import stat
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from precision_policy.errors import WriteError
 

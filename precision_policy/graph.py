@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from precision_policy import dtypes
 from precision_policy._jsonio import load_json_file
@@ -105,6 +106,10 @@ class OpGraph:
         #: them vote (False); torch's type promotion does (``linear(h) + bias_param`` is float32
         #: under autocast), so torch traces set it to True.
         self.variables_vote = variables_vote
+        #: Whether TensorFlow's ``TF_AUTO_MIXED_PRECISION_GRAPH_REWRITE_*`` lists apply to this
+        #: graph when the RunConfig leaves ``use_env_lists`` unset (None): True for TensorFlow
+        #: graphs (and graphs built in Python); torch traces and graph JSON files set it to False.
+        self.env_lists: bool = True
         self._names: list[str] = []
         self._ops: list[str] = []
         self._inputs: list[tuple[str, ...]] = []
@@ -346,7 +351,7 @@ class OpGraph:
         return text
 
     @classmethod
-    def from_dict(cls, data: Any, *, source: str | None = None) -> "OpGraph":
+    def from_dict(cls, data: Any, *, source: str | None = None) -> OpGraph:
         """Build a graph from its JSON form; every structural problem raises GraphError."""
         if not isinstance(data, dict):
             raise GraphError("a graph must be a JSON object with 'nodes' and 'outputs'", file=source)
@@ -394,10 +399,12 @@ class OpGraph:
         return graph
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "OpGraph":
+    def from_json(cls, path: str | Path) -> OpGraph:
         """Read a graph JSON file (see the module docstring for the format)."""
         data = load_json_file(path, GraphError)
-        return cls.from_dict(data, source=str(path))
+        graph = cls.from_dict(data, source=str(path))
+        graph.env_lists = False  # a framework-neutral file: TF's env lists only when use_env_lists=True
+        return graph
 
     def __repr__(self) -> str:
         return f"OpGraph({self.name!r}, {len(self)} nodes, outputs={self._fetches!r})"

@@ -26,9 +26,10 @@ Example:
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from precision_policy import dtypes
 from precision_policy.errors import GraphError, PlanFormatError
@@ -132,16 +133,16 @@ class CastPlan:
     def __init__(
         self,
         *,
-        graph: "OpGraph | None",
-        mode: "PrecisionMode | str",
-        library: "Library | str | None",
+        graph: OpGraph | None,
+        mode: PrecisionMode | str,
+        library: Library | str | None,
         origin: list[str | None],
         dtype: list[str | None],
         in_dtypes: list[tuple[str, ...]],
         out_dtypes: list[tuple[str, ...]],
         reasons: list[str],
         casts: list[Cast],
-        rules: "list[Rule | None] | None" = None,
+        rules: Sequence[Rule | None] | None = None,
         followed: list[str | None] | None = None,
         identity: set[int],
         unknown: dict[str, list[str]],
@@ -167,7 +168,7 @@ class CastPlan:
         self.in_dtypes = in_dtypes
         self.out_dtypes = out_dtypes
         self.reasons = reasons
-        self.rules: list[Rule | None] = rules if rules is not None else [None] * len(reasons)
+        self.rules: list[Rule | None] = list(rules) if rules is not None else [None] * len(reasons)
         self.followed: list[str | None] = followed if followed is not None else [None] * len(reasons)
         self._casts = casts
         self.identity = identity
@@ -234,8 +235,8 @@ class CastPlan:
         counts: dict[str, int] = {}
         for i in range(len(self.names)):
             d = self.dtype[i]
-            if _converted(self.origin[i], d, self.rules[i]):
-                counts[d] = counts.get(d, 0) + 1  # type: ignore[index]
+            if d is not None and _converted(self.origin[i], d, self.rules[i]):
+                counts[d] = counts.get(d, 0) + 1
         return counts
 
     def cast_counts(self) -> dict[str, int]:
@@ -314,7 +315,8 @@ class CastPlan:
                 f"  library      : {lib.name}: {flag}{heavy}; kernels: {info.describe_dtypes()} ({Path(info.source).name})"
             )
         elif d.op_type in self.unknown:
-            lines.append(f"  library      : {self.library_name}: op type {d.op_type!r} is not in the library (add it to choose its precision)")
+            lines.append(f"  library      : {self.library_name}: op type {d.op_type!r} is not in the library "
+                         "(add it to choose its precision)")
         return "\n".join(lines)
 
     def _chain(self, i: int) -> list[str]:
@@ -392,7 +394,7 @@ class CastPlan:
         return text
 
     @classmethod
-    def from_dict(cls, data: Any) -> "CastPlan":
+    def from_dict(cls, data: Any) -> CastPlan:
         """Read back :meth:`to_dict`'s form (graph and library objects are not restored)."""
         try:
             if data.get("format") != PLAN_FORMAT:
@@ -437,7 +439,7 @@ class CastPlan:
             raise PlanFormatError(f"malformed cast plan JSON: {type(exc).__name__}: {exc}") from None
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "CastPlan":
+    def from_json(cls, path: str | Path) -> CastPlan:
         from precision_policy._jsonio import load_json_file
 
         def err(message: str, file: Any = None, **_: Any) -> PlanFormatError:
@@ -446,7 +448,7 @@ class CastPlan:
         return cls.from_dict(load_json_file(path, err))
 
     # ------------------------------------------------------------------ comparing
-    def diff(self, other: "CastPlan") -> "PlanDiff":
+    def diff(self, other: CastPlan) -> PlanDiff:
         """What changes from this plan to ``other``: node dtypes, reasons, casts."""
         mine = {n: i for i, n in enumerate(self.names)}
         theirs = {n: i for i, n in enumerate(other.names)}

@@ -741,7 +741,7 @@ def test_duplicate_field_inside_an_entry_is_an_error(tmp_path: Path, capsys: pyt
 def test_pin_over_a_non_text_flag_is_a_typed_error(tmp_path: Path, flag_json: str, capsys: pytest.CaptureFixture):
     """Before: 'unhashable type: dict' traceback; --json printed NaN, which is not JSON."""
     lib = tmp_path / "ops.json"
-    text = '{\n    "Relu": {"precision_reduce": {"flag": %s}},\n    "Add": {}\n}\n' % flag_json
+    text = '{\n    "Relu": {"precision_reduce": {"flag": %s}},\n    "Add": {}\n}\n' % flag_json  # noqa: UP031  (JSON braces)
     lib.write_text(text)
     for args in (("pin", "Relu"), ("pin", "Relu", "--json"), ("unpin", "Relu", "--json"), ("set-flag", "Relu", "true")):
         proc = cli_in_process(capsys, *args, "--op-info", lib)

@@ -15,12 +15,11 @@ import json
 import shutil
 import string
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
-
-from conftest import json_entry_span
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -28,6 +27,8 @@ import precision_policy as pp
 from precision_policy import dtypes, modes
 from precision_policy.errors import PrecisionPolicyError
 from precision_policy.opinfo import edit
+
+from conftest import json_entry_span
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_910 = REPO / "opinfo_db" / "ascend910" / "aic-ascend910-ops-info.json"

@@ -50,7 +50,7 @@ def test_layer_graph_and_policies_follow_the_plan():
     cfg = BF16.model_copy(update={"env": {"TF_AUTO_MIXED_PRECISION_GRAPH_REWRITE_DENYLIST_ADD": "MaxPool"},
                                   "use_env_lists": True})
     pinned = apply(cnn(), cfg)
-    assert {l.name: l.dtype_policy.name for l in pinned.layers}["maxpool"] == "float32"
+    assert {layer.name: layer.dtype_policy.name for layer in pinned.layers}["maxpool"] == "float32"
     for layer in model.layers:
         for w in layer.weights:
             assert w.dtype == "float32"

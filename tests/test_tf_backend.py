@@ -13,6 +13,7 @@ tf = pytest.importorskip("tensorflow")
 import precision_policy as pp  # noqa: E402
 from precision_policy.backends.tensorflow import Session, rewrite  # noqa: E402
 from precision_policy.backends.tensorflow.convert import rewrite_with_plan  # noqa: E402
+
 from tf_helpers import converted_by_tf, count_casts, grappler_bf16  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))

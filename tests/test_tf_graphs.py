@@ -11,9 +11,11 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
+from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2  # noqa: E402
+
 import precision_policy as pp  # noqa: E402
 from precision_policy.backends.tensorflow.convert import rewrite_with_plan  # noqa: E402
-from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2  # noqa: E402
+
 from tf_helpers import run_graph  # noqa: E402
 
 BF16 = pp.RunConfig(precision_mode="allow_mix_precision_bf16", op_info="tf_amp_bf16", use_env_lists=False)

@@ -14,9 +14,10 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
+from tensorflow.python.client.session import SessionInterface  # noqa: E402
+
 import precision_policy as pp  # noqa: E402
 from precision_policy.tensorflow import Session  # noqa: E402
-from tensorflow.python.client.session import SessionInterface  # noqa: E402
 
 CFG = pp.RunConfig(precision_mode="allow_mix_precision_bf16", op_info="tf_amp_bf16", use_env_lists=False)
 KINDS = pytest.mark.parametrize("resource", [False, True], ids=["ref", "resource"])

@@ -18,6 +18,7 @@ pytest.importorskip("keras")
 
 import precision_policy as pp  # noqa: E402
 from precision_policy.backends.tensorflow.convert import rewrite_with_plan  # noqa: E402
+
 from tf_helpers import BF16, grappler_bf16, low_nodes, run_graph, runtime_casts  # noqa: E402
 from tf_models import ZOO, build  # noqa: E402
 

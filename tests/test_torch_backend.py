@@ -8,12 +8,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from torch.overrides import TorchFunctionMode  # noqa: E402
+
 import precision_policy as pp  # noqa: E402
 from precision_policy.backends.torch.eager import _busy, _out_dtypes  # noqa: E402
 from precision_policy.backends.torch.ops import func_label, op_type_of  # noqa: E402
 from precision_policy.rules import Rule  # noqa: E402
 from precision_policy.torch import apply, precision, prepare, trace, trace_fx  # noqa: E402
-from torch.overrides import TorchFunctionMode  # noqa: E402
+
 from torch_models import models_and_inputs, resnet_cnn  # noqa: E402
 
 BF16_AUTOCAST = pp.RunConfig(precision_mode="allow_mix_precision_bf16", op_info="torch_autocast_cpu", use_env_lists=False)
@@ -166,7 +168,7 @@ def test_context_nests_disables_is_thread_local_and_leaks_nothing():
     with pytest.raises(ZeroDivisionError):
         with precision(outer, model=lin):
             lin(x)
-            1 / 0
+            1 / 0  # noqa: B018  (raises inside the context on purpose)
     assert lin(x).dtype == torch.float32 and not _busy()
     assert not torch.overrides._is_torch_function_mode_enabled()
 

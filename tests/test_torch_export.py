@@ -18,14 +18,14 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import torch.nn as nn  # noqa: E402
+from test_torch_backend import BF16_AUTOCAST  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
 import precision_policy as pp  # noqa: E402
-from precision_policy.backends.torch.export import ExportedPrecision, trace_export  # noqa: E402
+from precision_policy.backends.torch.export import ExportedPrecision  # noqa: E402
 from precision_policy.backends.torch.ops import aten_disagreements, aten_op_type, op_type_of  # noqa: E402
 from precision_policy.torch import apply, precision, trace, trace_fx  # noqa: E402
-from test_torch_backend import BF16_AUTOCAST  # noqa: E402
 
 #: ATen ops that only change a tensor's dtype: autocast's casts and the plan's.
 CASTS = frozenset({"_to_copy", "to", "copy_"})

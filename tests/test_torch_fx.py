@@ -11,12 +11,12 @@ torch = pytest.importorskip("torch")
 
 import torch.fx._symbolic_trace as fx_trace  # noqa: E402
 import torch.nn as nn  # noqa: E402
+from test_torch_backend import Observe  # noqa: E402
 
 import precision_policy as pp  # noqa: E402
 from precision_policy.graph import OpGraph  # noqa: E402
 from precision_policy.rules import Rule  # noqa: E402
 from precision_policy.torch import apply, precision, trace, trace_fx  # noqa: E402
-from test_torch_backend import Observe  # noqa: E402
 
 BF16_AUTOCAST = pp.RunConfig(precision_mode="allow_mix_precision_bf16", op_info="torch_autocast_cpu", use_env_lists=False)
 

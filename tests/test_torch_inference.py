@@ -11,10 +11,11 @@ torch = pytest.importorskip("torch")
 import torch.nn as nn  # noqa: E402
 
 import precision_policy as pp  # noqa: E402
-import torch_zoo  # noqa: E402
 from precision_policy.backends.torch.inference import convert_for_inference  # noqa: E402
 from precision_policy.errors import ConfigError, GraphError  # noqa: E402
 from precision_policy.torch import trace  # noqa: E402
+
+import torch_zoo  # noqa: E402
 
 BF16 = pp.RunConfig(precision_mode="allow_mix_precision_bf16", op_info="torch_autocast_cpu", use_env_lists=False)
 

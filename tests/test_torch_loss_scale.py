@@ -82,19 +82,30 @@ def test_gradient_accumulation_with_a_power_of_two_scale_is_exact():
 
 
 def test_unscale_before_clipping_and_several_optimizers():
+    x, y = batch(0)
+    # the reference: float32 gradients, no scaling, clipped to a quarter of their norm (so the clip bites)
+    ref = mlp()
+    torch.nn.functional.mse_loss(ref(x), y).backward()
+    true_norm = torch.nn.utils.clip_grad_norm_(ref[0].parameters(), float("inf")).item()
+    max_norm = true_norm / 4
+    torch.nn.utils.clip_grad_norm_(ref[0].parameters(), max_norm)
+    want = [p.detach() - 0.1 * p.grad for p in ref[0].parameters()]  # what SGD(lr=0.1) must do
+
     model = mlp()
     opt1 = torch.optim.SGD(model[0].parameters(), lr=0.1)
     opt2 = torch.optim.Adam(model[2].parameters(), lr=0.01)
     scaler = LossScaler("dynamic", model=model)
-    x, y = batch(0)
     scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+    assert scaler.get_scale() == 2.0**16 and model[0].weight.grad.norm().item() > 1000 * max_norm  # scaled now
     scaler.unscale_(opt1)
-    torch.nn.utils.clip_grad_norm_(model[0].parameters(), 0.5)
-    clipped = model[0].weight.grad.norm().item()
+    torch.nn.utils.clip_grad_norm_(model[0].parameters(), max_norm)
     with pytest.raises(RuntimeError, match="already called"):
         scaler.unscale_(opt1)
     assert scaler.step(opt1) and scaler.step(opt2)
-    assert abs(clipped - 0.5) < 1e-5 or clipped < 0.5  # the clip saw unscaled gradients
+    # the clip saw unscaled gradients, and step did not unscale them again: the update is the
+    # reference's (clipping scaled gradients, or unscaling twice, is off by a factor of ~2**16)
+    for got, exp in zip(model[0].parameters(), want):
+        torch.testing.assert_close(got.detach(), exp, rtol=1e-5, atol=1e-6)
     scaler.update()
     # an overflow in one optimizer's parameters skips that optimizer only (GradScaler's rule)
     opt1.zero_grad(), opt2.zero_grad()

@@ -7,7 +7,7 @@ import collections
 import copy
 import dataclasses
 import logging
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import pytest
 
@@ -34,16 +34,16 @@ class PlainOut:
     logits: torch.Tensor
     hidden: torch.Tensor
     step: int = 3
-    note: Optional[str] = None
+    note: str | None = None
 
 
 @dataclasses.dataclass
 class ModelOutputLike(collections.OrderedDict):
     """Shaped like transformers' ModelOutput: an OrderedDict whose keys are the non-None fields."""
 
-    loss: Optional[torch.Tensor] = None
-    logits: Optional[torch.Tensor] = None
-    hidden: Optional[torch.Tensor] = None
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

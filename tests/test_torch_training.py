@@ -13,6 +13,7 @@ pytest.importorskip("sklearn.datasets")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 import precision_policy as pp  # noqa: E402
+
 from demo_torch import train  # noqa: E402  (the loop `make demo` runs)
 
 

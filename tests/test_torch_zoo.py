@@ -3,8 +3,8 @@
 Each model of ``torch_zoo.zoo()`` (random weights, small configs) runs under
 ``torch.autocast("cpu", bfloat16)`` and under our routes with the ``torch_autocast_cpu``
 library: the eager route must give every op autocast's dtypes and the same output; the static
-route (torch.fx for the vision models, torch.export for the Hugging Face models) must too. ``prepare()`` then trains each model five steps in
-emulated float16 with its default loss scaler: finite losses, float32 parameters.
+route (torch.fx for the vision models, torch.export for the Hugging Face models) must too.
+``prepare()`` then trains each model five steps in emulated float16 with its default loss scaler: finite losses, float32 parameters.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ torch_zoo.import_torchvision()  # before timm and transformers import it
 pytest.importorskip("timm")
 pytest.importorskip("transformers")
 
+from test_torch_backend import BF16_AUTOCAST, Observe  # noqa: E402
+from test_torch_export import assert_static_route_is_autocast  # noqa: E402
+
 import precision_policy as pp  # noqa: E402
 from precision_policy.backends.torch.export import ExportedPrecision  # noqa: E402
 from precision_policy.torch import apply, precision, prepare, trace  # noqa: E402
-from test_torch_backend import BF16_AUTOCAST, Observe  # noqa: E402
-from test_torch_export import assert_static_route_is_autocast  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,8 @@ run on the CPU (only the detection ops, which the models here do not use, stay u
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

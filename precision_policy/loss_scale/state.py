@@ -129,7 +129,7 @@ class DynamicLossScale:
         self.skipped_steps = 0
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "DynamicLossScale":
+    def preset(cls, name: str, **overrides: Any) -> DynamicLossScale:
         """One of :attr:`PRESETS` (or an alias such as ``"GradScaler"``), optionally adjusted."""
         key = cls.ALIASES.get(name.lower(), name.lower())
         if key not in cls.PRESETS:

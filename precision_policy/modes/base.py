@@ -98,14 +98,14 @@ class PrecisionMode:
 
     def plan(
         self,
-        graph: "OpGraph",
-        library: "Library",
-        overrides: "Overrides | None" = None,
+        graph: OpGraph,
+        library: Library,
+        overrides: Overrides | None = None,
         *,
         keep_output_dtype: bool = True,
         config_summary: dict | None = None,
         gray_disagreement: str = "widest",
-    ) -> "CastPlan":
+    ) -> CastPlan:
         """Kept for callers of the old API: :func:`precision_policy.modes.planner.plan` with this mode."""
         from precision_policy.modes.planner import plan
 

@@ -22,7 +22,8 @@ Example:
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 from precision_policy import dtypes
 from precision_policy.modes.base import Decision, NoKernel
@@ -85,7 +86,7 @@ class _Draft(NamedTuple):
     outputs: tuple[str, ...]
     warning: str | None
     problems: tuple[str, ...]
-    choice: "NodeChoice | None" = None  # the finished choice, when it does not depend on the node
+    choice: NodeChoice | None = None  # the finished choice, when it does not depend on the node
 
 
 class NodeDecider:
@@ -99,7 +100,7 @@ class NodeDecider:
 
     def __init__(
         self,
-        mode: "PrecisionMode",
+        mode: PrecisionMode,
         library: Library,
         overrides: Overrides | None = None,
         *,
@@ -213,7 +214,6 @@ class NodeDecider:
         """Decide for node ``name`` (None: for any node of this op type and these dtypes)."""
         is_float = dtypes.FLOAT_DTYPES.__contains__
         ov = self.overrides
-        mode = self.mode
         info = self.library.get(op)
         problems: list[str] = []
         spec = None

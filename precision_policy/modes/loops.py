@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from precision_policy import dtypes
 from precision_policy.graph import OpGraph
@@ -79,7 +79,7 @@ class Loops:
         self.group_hints: dict[int, tuple[str, str]] = {}  # group -> (origin, dtype)
 
     @classmethod
-    def of(cls, graph: OpGraph, low: str = F16, prefer_low: bool = False) -> "Loops | None":
+    def of(cls, graph: OpGraph, low: str = F16, prefer_low: bool = False) -> Loops | None:
         ops = graph.op_types
         if not any(op in BACK_EDGE_OPS or op.startswith(HANDLE_TYPED_PREFIXES) for op in ops):
             return None
@@ -108,7 +108,7 @@ class Loops:
         if self.groups:
             readers: dict[int, list[tuple[int, int]]] = {}
             for k, ins in enumerate(self.data_inputs):
-                for m, (j, p) in enumerate(ins):
+                for m, (j, _p) in enumerate(ins):
                     if j in self.group_of:
                         readers.setdefault(j, []).append((k, m))
             for root, members in self.groups.items():
@@ -126,7 +126,7 @@ class Loops:
                             origin = origin or out_dtypes[i][self.data_inputs[k][m][1]]
                             seen.append(in_dtypes[k][m])  # what the reader takes
                 floats = [d for d in seen if dtypes.is_float(d)]
-                if not floats or origin == self.low:
+                if not floats or origin is None or origin == self.low:
                     continue
                 low = floats.count(self.low)
                 if low and (self.prefer_low or low == len(floats)):
@@ -145,7 +145,7 @@ def control_flow_dtype(
     names: Sequence[str],
     src: Sequence[str | None],
     dtype: Sequence[str | None],
-    loops: "Loops | None",
+    loops: Loops | None,
     prefer_low: bool,
 ) -> tuple[str, str, str | None]:
     """Dtype, reason and followed node of a control-flow frame op: it carries values, so it follows them."""

@@ -81,7 +81,7 @@ _COMPUTES, _SOURCE, _NO_FLOAT, _FRAME, _READS_SOURCE = range(5)
 
 
 def plan(
-    mode: "PrecisionMode",
+    mode: PrecisionMode,
     graph: OpGraph,
     library: Library,
     overrides: Overrides | None = None,
@@ -110,7 +110,7 @@ def plan(
 class _Planning:
     """One planning of one graph: the per-node columns the passes fill in, and the casts."""
 
-    mode: "PrecisionMode"
+    mode: PrecisionMode
     graph: OpGraph
     library: Library
     overrides: Overrides | None
@@ -200,11 +200,9 @@ class _Planning:
                 if self.variables_vote and kind == "variable" and self.graph.node(self.names[i]).attrs.get("rank") == 0:
                     self.scalar_vars.add(i)
                 continue
-            for org in outs[i]:
-                if _is_float(org):
-                    break
-            else:
-                org = self.origin_of(i)  # type: ignore[assignment]  (no float output: its first float input)
+            org = next((d for d in outs[i] if _is_float(d)), None)
+            if org is None:
+                org = self.origin_of(i)  # no float output: its first float input
             origin[i] = org
             if org is None:
                 role[i] = _NO_FLOAT
@@ -239,7 +237,8 @@ class _Planning:
             voters = tuple([True if src[j] is None or src[j] == "input"
                             else (VARIABLE if variables_vote and src[j] == "variable" and j not in scalar_vars
                                   else False) for j, _ in ins])
-            org: str = origin[i]  # type: ignore[assignment]  (a computing node has float tensors)
+            org = origin[i]
+            assert org is not None  # role _COMPUTES: the node has float tensors, so an origin
             d, why, want_in, new_out, rule, fol = decide(names[i], ops[i], org, actual_in, voters, outs[i], ins, names)
             if rule is Rule.EXISTING_CAST:
                 self.cast_nodes.append(i)
@@ -270,11 +269,12 @@ class _Planning:
             self.decide_frame_op(i, actual_in)
         else:  # _READS_SOURCE: the source's dtype, as it arrives
             j = self.res.data_inputs[i][0][0]
-            d = actual_in[0] if _is_float(actual_in[0]) else self.origin[i]
-            self.dtype[i], self.in_dt[i] = d, actual_in
+            read = actual_in[0] if _is_float(actual_in[0]) else self.origin[i]
+            assert read is not None  # role _READS_SOURCE is given to nodes with a float origin only
+            self.dtype[i], self.in_dt[i] = read, actual_in
             o = self.outs[i]
             if o and _is_float(o[0]):
-                self.out_dt[i] = (d,) + o[1:]  # type: ignore[operator]
+                self.out_dt[i] = (read,) + o[1:]
             self.rule[i], self.reason[i] = Rule.READS_SOURCE, f"reads {self.src[j]} {self.names[j]}"
 
     def decide_no_float(self, i: int, actual_in: tuple[str, ...]) -> None:

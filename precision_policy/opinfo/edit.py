@@ -30,7 +30,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from json.decoder import scanstring
+from json.decoder import scanstring  # type: ignore[attr-defined]  # public at runtime, absent from typeshed
 from pathlib import Path
 
 from precision_policy.errors import OpInfoError
@@ -38,6 +38,14 @@ from precision_policy.fileio import atomic_write, locked_edit
 from precision_policy.opinfo.library import library_files, parse_library_json, parse_library_text, resolve_library_path
 
 _WS = re.compile(r"[ \t\n\r]*")
+
+
+def _skip_ws(text: str, i: int) -> int:
+    """Index of the first non-whitespace character at or after ``i`` (``_WS`` matches the empty string too)."""
+    m = _WS.match(text, i)
+    return m.end() if m is not None else i
+
+
 _DECODER = json.JSONDecoder()
 FIELD = "precision_reduce"
 
@@ -76,21 +84,21 @@ def _members(text: str, brace: int) -> tuple[list[_Member], int]:
     """Members of the JSON object whose '{' is at ``brace``; returns them and the index of its '}'."""
     assert text[brace] == "{"
     out: list[_Member] = []
-    i = _WS.match(text, brace + 1).end()
+    i = _skip_ws(text, brace + 1)
     if text[i] == "}":
         return out, i
     while True:
         key_start = i
         key, i = scanstring(text, i + 1)
-        i = _WS.match(text, i).end()
-        i = _WS.match(text, i + 1).end()  # skip ':'
+        i = _skip_ws(text, i)
+        i = _skip_ws(text, i + 1)  # skip ':'
         value_start = i
         _, i = _DECODER.raw_decode(text, i)
         out.append(_Member(key, key_start, value_start, i))
-        i = _WS.match(text, i).end()
+        i = _skip_ws(text, i)
         if text[i] == "}":
             return out, i
-        i = _WS.match(text, i + 1).end()  # skip ','
+        i = _skip_ws(text, i + 1)  # skip ','
 
 
 def _lead(text: str, members: list[_Member], brace: int) -> str:
@@ -222,7 +230,8 @@ def _flag_text(path: Path, op: str, value: object) -> str | None:
         shown = str(value).replace("inf", "Infinity").replace("nan", "NaN")
     else:
         shown = json.dumps(value)
-    kind = {dict: "a JSON object", list: "a JSON list"}.get(type(value), "a number" if isinstance(value, (int, float)) else "not text")
+    kinds: dict[type, str] = {dict: "a JSON object", list: "a JSON list"}
+    kind = kinds.get(type(value), "a number" if isinstance(value, (int, float)) else "not text")
     raise OpInfoError(
         f"is {kind} ({shown[:60]}), not \"true\" or \"false\"; refusing to edit a value it would discard: "
         f"fix it by hand (\"flag\": \"true\" or \"false\", or remove {FIELD})",
@@ -231,7 +240,7 @@ def _flag_text(path: Path, op: str, value: object) -> str | None:
 
 
 def _edit_text(path: Path, text: str, data: dict, op: str, new_flag: str | None) -> tuple[EditResult, str]:
-    top = _WS.match(text).end()
+    top = _skip_ws(text, 0)
     created = False
     if op not in data:
         if new_flag is None:

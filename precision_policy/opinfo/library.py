@@ -18,12 +18,14 @@ Example:
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from precision_policy import dtypes
 from precision_policy._jsonio import DuplicateKey, loads_json_text
@@ -129,7 +131,7 @@ class Library(Mapping[str, OpInfo]):
 
 
 # ---------------------------------------------------------------------- parsing
-def _pydantic_field(err: dict[str, Any]) -> str:
+def _pydantic_field(err: ErrorDetails) -> str:
     return ".".join(str(p) for p in err.get("loc", ()))
 
 
@@ -180,7 +182,11 @@ def parse_entry(op_type: str, raw: Any, source: str) -> OpInfo:
             op=op_type,
             field="dtype",
         )
-    order = lambda t: int(TENSOR_KEY.match(t.key).group(2))  # noqa: E731
+    def order(t: TensorInfo) -> int:
+        m = TENSOR_KEY.match(t.key)
+        assert m is not None  # only keys TENSOR_KEY matched were collected
+        return int(m.group(2))
+
     flag = _FLAG_TO_LIST[entry.precision_reduce.flag] if entry.precision_reduce is not None else GRAY
     heavy = entry.heavyOp is not None and entry.heavyOp.flag == "true"
     return OpInfo(
@@ -194,7 +200,7 @@ def parse_entry(op_type: str, raw: Any, source: str) -> OpInfo:
     )
 
 
-def _clean_msg(err: dict[str, Any]) -> str:
+def _clean_msg(err: ErrorDetails) -> str:
     msg = err.get("msg", "invalid value")
     if err.get("type") == "literal_error":
         return f"must be \"true\" or \"false\", got {err.get('input')!r}"

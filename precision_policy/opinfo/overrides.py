@@ -9,6 +9,7 @@ In increasing priority (see DESIGN.md):
 4. TensorFlow's environment lists
    ``TF_AUTO_MIXED_PRECISION_GRAPH_REWRITE_{ALLOW,DENY,INFER,CLEAR}LIST_{ADD,REMOVE}``
    (allow -> white, deny -> black, infer/clear -> gray), applied to flags after the mixlist.
+   By default only on TensorFlow routes: see ``RunConfig.use_env_lists`` and ``RunConfig.env_lists_apply``.
 
 Example:
     >>> from precision_policy.opinfo import load_library
@@ -22,10 +23,10 @@ Example:
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Mapping
 
 from precision_policy import dtypes
 from precision_policy._jsonio import load_json_file

@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -43,16 +43,16 @@ class TensorField(BaseModel):
     """``inputN`` / ``outputN``: parallel comma-separated ``dtype`` and ``format`` lists."""
 
     model_config = ConfigDict(extra="allow")
-    name: Optional[str] = None
-    dtype: Optional[str] = Field(
+    name: str | None = None
+    dtype: str | None = Field(
         default=None,
         description="Comma-separated dtypes, one per kernel variant; 'float' means float32.",
     )
-    format: Optional[str] = None
+    format: str | None = None
 
     @field_validator("dtype")
     @classmethod
-    def _known_dtypes(cls, value: Optional[str]) -> Optional[str]:
+    def _known_dtypes(cls, value: str | None) -> str | None:
         if value is None:
             return value
         for word in value.split(","):
@@ -68,11 +68,11 @@ class OpEntry(BaseModel):
     """One op type's entry. ``inputN``/``outputN`` are validated as :class:`TensorField`."""
 
     model_config = ConfigDict(extra="allow")
-    precision_reduce: Optional[FlagField] = Field(
+    precision_reduce: FlagField | None = Field(
         default=None,
         description="true: white (may run in low precision); false: black (keeps its precision); absent: gray (follows its producer).",
     )
-    heavyOp: Optional[FlagField] = Field(default=None, description="true marks a cube (matrix) op.")
+    heavyOp: FlagField | None = Field(default=None, description="true marks a cube (matrix) op.")
 
 
 def json_schema() -> dict[str, Any]:

@@ -33,9 +33,10 @@ import dataclasses
 import logging
 import re
 import shutil
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from google.protobuf import message, text_format
 from tensorflow.core.framework import graph_pb2, node_def_pb2
@@ -321,7 +322,8 @@ def load_model(path: str | Path, tags: Sequence[str] | None = None, *, all_signa
             fetches += [t.name for t in sig.outputs.values()]
             inputs.update({k: t.name for k, t in sig.inputs.items()})
         fetches = sorted(set(fetches))
-        gd, warnings = mg.graph_def, []
+        gd = mg.graph_def
+        warnings: list[str] = []
         if function_calls(gd):
             keep = fetches + list(inputs.values()) + _saved_model_nodes(mg)
             gd, warnings = _prepare(gd, keep, p, str(p))
@@ -330,7 +332,7 @@ def load_model(path: str | Path, tags: Sequence[str] | None = None, *, all_signa
         raise GraphError("file not found", file=p)
     gd = _read_pb(p)
     fetches = _default_fetches(gd)
-    warnings: list[str] = []
+    warnings = []
     if function_calls(gd):
         gd, warnings = _prepare(gd, fetches, p, str(p))  # fetches keep their names through inlining
     return LoadedModel(gd, fetches, p, warnings=warnings)

@@ -23,8 +23,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, TypeAlias
 
 from tensorflow.core.framework import graph_pb2, node_def_pb2, types_pb2
 from tensorflow.python.framework import op_def_registry, tensor_util
@@ -38,7 +39,7 @@ from precision_policy.plan import CastPlan
 log = logging.getLogger(__name__)
 
 #: How a tensor's dtype is set on a node: a type attr's name, (list attr, index), or None (fixed by the OpDef).
-TypeKey = "str | tuple[str, int] | None"
+TypeKey: TypeAlias = "str | tuple[str, int] | None"
 
 _ENUM_TO_NAME: dict[int, str] = {}
 _NAME_TO_ENUM: dict[str, int] = {}
@@ -291,11 +292,12 @@ class _Rewriter:
             want = list(zip(ins, in_enums, plan.in_dtypes[i])) + list(zip(outs, out_enums, plan.out_dtypes[i]))
             changes = [(k, e, d) for k, e, d in want if k is not None and dtypes.is_float(d) and dtype_enum(d) != e
                        and dtypes.is_float(dtype_name(e))]
-            if node.op.startswith(HANDLE_TYPED_PREFIXES) and plan.dtype[i] and dtypes.is_float(plan.dtype[i]):
+            node_dtype = plan.dtype[i]
+            if node.op.startswith(HANDLE_TYPED_PREFIXES) and node_dtype and dtypes.is_float(node_dtype):
                 # a list's element dtype, also where no float tensor shows it (TensorListReserve)
                 for attr in ("element_dtype", "dtype"):
                     if attr in node.attr and _is_float_enum(node.attr[attr].type):
-                        node.attr[attr].type = dtype_enum(plan.dtype[i])
+                        node.attr[attr].type = dtype_enum(node_dtype)
             if not changes:
                 self.sig[node.name] = sig
                 continue

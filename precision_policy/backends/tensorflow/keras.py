@@ -62,9 +62,10 @@ import json
 import logging
 import re
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any
 
 import keras
 from keras import tree
@@ -89,7 +90,7 @@ _OPERATIONS = {"Cast": "keras:op.Cast"}
 _GRAY_OPERATION = "Identity"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 #: origin policy of every layer an apply changed, so that a second apply starts from the origin
-_ORIGIN: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+_ORIGIN: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
 
 @lru_cache(maxsize=1)
@@ -159,7 +160,7 @@ class _Frame:
     layer: Any
     inputs: list[Any]
     outputs: list[Any] = field(default_factory=list)
-    children: list["_Frame"] = field(default_factory=list)
+    children: list[_Frame] = field(default_factory=list)
 
 
 @dataclass

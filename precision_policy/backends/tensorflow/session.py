@@ -45,7 +45,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -207,7 +208,7 @@ class Session(SessionInterface):
             if self._session is not None:
                 self._session.close()
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         if self._graph_context is not None:
             raise RuntimeError("Session context managers are not re-entrant; use Session.as_default() to "
                                "enter a session more than once")

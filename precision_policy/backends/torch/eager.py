@@ -22,8 +22,9 @@ import difflib
 import os
 import threading
 import weakref
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -124,8 +125,10 @@ class PrecisionFunctionMode(TorchFunctionMode):
 
     def raise_problems(self) -> None:
         """Raise PrecisionError for what the decider could not honour (and forget it)."""
-        problems = list(self.decider.problems)
-        self.decider.problems.clear()
+        decider = self.decider
+        assert decider is not None  # called only after a decision, which needs the decider
+        problems = list(decider.problems)
+        decider.problems.clear()
         raise PrecisionError(
             "precision mode cannot be honoured: " + "; ".join(f"{n} ({o}): {detail}" for n, o, detail in problems),
             problems,
@@ -187,6 +190,7 @@ class PrecisionFunctionMode(TorchFunctionMode):
         label = func_label(func)
         names = tuple(FROM_TORCH[dt] for dt in in_dtypes)
         decider = self.decider
+        assert decider is not None  # __torch_function__ passes calls through when there is none
         n_warnings = len(decider.warnings)
         choice = decider.decide_node(
             label, op, origin, names, tuple(voters), (origin,), producers=("its input",) * len(names))
@@ -210,7 +214,7 @@ class PrecisionFunctionMode(TorchFunctionMode):
     def _cast_inputs(self, args, kwargs, found, want, in_dtypes):
         """Replace the float inputs that ``want`` casts: one cast per (tensor, dtype) per call, as
         autocast's cast cache (mha(x, x, x) keeps ``query is key``)."""
-        casts = {}
+        casts: dict[tuple[int, Any], torch.Tensor] = {}  # (id(tensor), dtype or "emulated") -> the cast copy
         args = list(args)
         kwargs = dict(kwargs)
         nested = {}
@@ -272,7 +276,7 @@ class PrecisionFunctionMode(TorchFunctionMode):
         flat, spec = tree_flatten((args, kwargs))
         pos: list[int] = []
         in_dtypes: list[str] = []
-        voters: list[bool] = []
+        voters: list[bool | str] = []  # True, False or VARIABLE (see NodeDecider.decide_node)
         origin = self.origin
         for k, leaf in enumerate(flat):
             if isinstance(leaf, torch.Tensor) and leaf.dtype in _FLOATS:
@@ -345,7 +349,7 @@ _SEQ = (list, tuple, torch.Size)
 def _float_leaves(args: tuple, kwargs: dict) -> list | None:
     """The float tensors of a call as ``(arg index or kwarg name, index in a list/tuple argument or
     None, tensor)``, in ``tree_flatten`` order; None when a tensor sits deeper (the general path)."""
-    found = []
+    found: list[tuple[int, int | None, torch.Tensor]] = []
     i = -1
     for a in args:
         i += 1
@@ -386,7 +390,7 @@ def _to_dtype(out: Any, src: torch.dtype, dst: torch.dtype) -> Any:
 def _mark_computed(out: Any) -> None:
     if isinstance(out, torch.Tensor):
         try:
-            out._pp_computed = True
+            out._pp_computed = True  # type: ignore[attr-defined]  # a marker set on the tensor object
         except (AttributeError, RuntimeError):
             pass
     elif isinstance(out, (tuple, list)):
@@ -417,7 +421,7 @@ class ModulePaths:
     """
 
     #: model -> override names matched by an op in any forward so far (a name only some forwards reach)
-    _matched: "weakref.WeakKeyDictionary[torch.nn.Module, set[str]]" = weakref.WeakKeyDictionary()
+    _matched: weakref.WeakKeyDictionary[torch.nn.Module, set[str]] = weakref.WeakKeyDictionary()
 
     def __init__(self, model: torch.nn.Module, decider: NodeDecider) -> None:
         self.model = model
@@ -538,7 +542,7 @@ def _fast_path_input(module: torch.nn.Module, args: tuple, kwargs: dict) -> torc
                    module.linear1.weight, module.linear1.bias, module.linear2.weight, module.linear2.bias]
         if any(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules()):
             return None
-    else:  # MultiheadAttention(query, key, value, key_padding_mask, need_weights, attn_mask, ...)
+    elif isinstance(module, torch.nn.MultiheadAttention):  # (query, key, value, key_padding_mask, need_weights, attn_mask, ...)
         if len(args) != 3 or args[0] is not args[1] or args[1] is not args[2]:
             return None
         if kwargs.get("key_padding_mask") is not None or kwargs.get("attn_mask") is not None or kwargs.get("is_causal"):
@@ -554,6 +558,8 @@ def _fast_path_input(module: torch.nn.Module, args: tuple, kwargs: dict) -> torc
         if attn.in_proj_weight.dtype != src.dtype or (attn.in_proj_bias is not None
                                                       and attn.in_proj_bias.dtype != src.dtype):
             return None  # MultiheadAttention checks its input's dtype; the encoder layer does not
+    else:  # not a module FAST_PATH_OPS lists
+        return None
     if attn.in_proj_bias is None or not attn.batch_first or not attn._qkv_same_embed_dim or attn.num_heads % 2:
         return None
     if any(t is not None and t.device.type not in ("cpu", "cuda", "xpu") for t in tensors):
@@ -576,7 +582,9 @@ class _FastPathForward:
         src = _fast_path_input(module, args, kwargs) if threading.get_ident() == self.thread else None
         if src is None or src.dtype not in FROM_TORCH or _busy() or mode.decider is None:
             return forward(module, *args, **kwargs)
-        weight = module.in_proj_weight if isinstance(module, torch.nn.MultiheadAttention) else module.self_attn.in_proj_weight
+        attn = module if isinstance(module, torch.nn.MultiheadAttention) else module.self_attn
+        assert isinstance(attn, torch.nn.MultiheadAttention)  # FAST_PATH_OPS: MultiheadAttention or an encoder layer
+        weight = attn.in_proj_weight
         origin = FROM_TORCH.get(weight.dtype)
         if origin is None:
             return forward(module, *args, **kwargs)
@@ -627,7 +635,7 @@ torch.nn.modules.module.register_module_parameter_registration_hook(_bump)
 torch.nn.modules.module.register_module_buffer_registration_hook(_bump)
 torch.nn.modules.module.register_module_module_registration_hook(_bump)
 
-_FACTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, dict[int, Any], list[torch.nn.Module]]]" = (
+_FACTS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, dict[int, Any], list[torch.nn.Module]]] = (
     weakref.WeakKeyDictionary())
 
 
@@ -655,8 +663,8 @@ _SHARED: dict[tuple, tuple[RunConfig, dict, set]] = {}
 
 def _shared_decisions(config: RunConfig, native_fp16: bool, origin: str) -> tuple[dict, set]:
     """The decision cache the contexts of ``config`` share (see PrecisionFunctionMode._decide)."""
-    env = ()
-    if config.use_env_lists and config.env is None and config.mode.mixed:
+    env: tuple[tuple[str, str], ...] = ()
+    if config.env_lists_apply(default=False) and config.env is None:  # torch: off unless use_env_lists=True
         env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(ENV_PREFIX)))
     key = (id(config), native_fp16, origin, env)
     hit = _SHARED.get(key)
@@ -678,14 +686,14 @@ def _decider_for_cached(config: RunConfig) -> NodeDecider:
             _LIBRARIES.clear()
         hit = _LIBRARIES[id(config)] = (config, config.library())
     library = hit[1]
-    return NodeDecider(config.mode, library, config.overrides(library), dedupe=True,
+    return NodeDecider(config.mode, library, config.overrides(library, env_lists_default=False), dedupe=True,
                        gray_disagreement=config.gray_disagreement)
 
 
 def decider_for(config: RunConfig) -> NodeDecider:
     """The core decider for a config (library and overrides loaded once)."""
     library = config.library()
-    return NodeDecider(config.mode, library, config.overrides(library), dedupe=True,
+    return NodeDecider(config.mode, library, config.overrides(library, env_lists_default=False), dedupe=True,
                        gray_disagreement=config.gray_disagreement)
 
 

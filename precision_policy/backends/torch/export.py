@@ -53,7 +53,8 @@ import io
 import logging
 import operator
 import sys
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -120,7 +121,7 @@ class ExportTrace:
         """The OpGraph (what :func:`precision_policy.plan` takes)."""
         return self.traced.graph
 
-    def module(self) -> "ExportedPrecision":
+    def module(self) -> ExportedPrecision:
         """The captured program, run as it is (no casts): the model as torch.export sees it.
 
         Example:
@@ -253,7 +254,9 @@ def _runnable_graph(ep: Any, model: torch.nn.Module) -> tuple[fx.Graph, dict[str
         if hop.target is not torch.ops.higher_order.wrap_with_set_grad_enabled:
             raise GraphError(f"torch.export captured {type(model).__name__} with the higher-order op "
                              f"{hop.target}, which this route does not rewrite. {_EAGER_HINT}")
-        flag, sub, *operands = hop.args
+        flag, sub = hop.args[0], hop.args[1]
+        assert isinstance(sub, fx.Node)  # the get_attr of the region's body
+        operands = cast(list[fx.Node], list(hop.args[2:]))  # the region's inputs: values of the graph
         body = getattr(owner, str(sub.target))
         inner: dict[fx.Node, Any] = {}
         stack = hop.meta.get("nn_module_stack")
@@ -284,6 +287,7 @@ def _runnable_graph(ep: Any, model: torch.nn.Module) -> tuple[fx.Graph, dict[str
             spec = kinds.get(node.name)
             kind = spec.kind if spec is not None else InputKind.USER_INPUT
             if kind in (InputKind.PARAMETER, InputKind.BUFFER):
+                assert spec is not None  # (no spec: a user input)
                 target = str(spec.target)
                 value = state.get(target)
                 if value is None:  # a buffer that is no module attribute (should not happen): its exported value
@@ -291,6 +295,7 @@ def _runnable_graph(ep: Any, model: torch.nn.Module) -> tuple[fx.Graph, dict[str
                 root[target] = value
                 new = graph.get_attr(target)
             elif kind == InputKind.CONSTANT_TENSOR:
+                assert spec is not None  # (no spec: a user input)
                 target = f"_pp_constant_{len(root)}"
                 root[target] = ep.constants[spec.target]
                 value = root[target]
@@ -342,6 +347,13 @@ class ExportedPrecision(torch.nn.Module):
     :meth:`ExportTrace.module` returns.
     """
 
+    # kept in the instance __dict__ (see __init__), not registered with the Module
+    _pp_model: torch.nn.Module
+    _config: Any
+    _native_fp16: bool
+    _runs: dict[tuple, tuple[ExportTrace, fx.GraphModule]]
+    plan: CastPlan | None
+
     def __init__(self, model: torch.nn.Module, trace: ExportTrace, plan: CastPlan | None, config: Any,
                  native_fp16: bool = False) -> None:
         super().__init__()
@@ -360,7 +372,7 @@ class ExportedPrecision(torch.nn.Module):
         self._add_run(trace, plan)
         self.__dict__["plan"] = plan
 
-    def train(self, mode: bool = True) -> "ExportedPrecision":
+    def train(self, mode: bool = True) -> ExportedPrecision:
         super().train(mode)
         if "_pp_model" in self.__dict__:
             self._pp_model.train(mode)
@@ -403,7 +415,7 @@ class ExportedPrecision(torch.nn.Module):
         """The model this module runs (its parameters, buffers and submodules are this module's)."""
         return self._pp_model
 
-    def captured(self) -> "ExportedPrecision":
+    def captured(self) -> ExportedPrecision:
         """The program the first capture recorded, run as it is (no casts): the reference the
         applied module's ops are compared with (run it under ``torch.autocast``)."""
         return next(iter(self._runs.values()))[0].module()

@@ -41,17 +41,25 @@ import logging
 import operator
 import sys
 import weakref
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 import torch.fx._symbolic_trace as _fx_trace
+import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten
 
 from precision_policy.backends.torch.eager import FROM_TORCH, TO_TORCH
-from precision_policy.backends.torch.ops import (aten_is_inplace, aten_op_type, func_label, is_inplace, method_op_type,
-                                                 module_op_type, op_type_of)
+from precision_policy.backends.torch.ops import (
+    aten_is_inplace,
+    aten_op_type,
+    func_label,
+    is_inplace,
+    method_op_type,
+    module_op_type,
+    op_type_of,
+)
 from precision_policy.errors import GraphError
 from precision_policy.graph import OpGraph
 from precision_policy.plan import CastPlan
@@ -165,10 +173,8 @@ def _model_state_unchanged(model: torch.nn.Module) -> Iterator[None]:
                     b.copy_(copy)
 
 
-def _dtype_name(t: Any) -> str | None:
-    if isinstance(t, torch.Tensor):
-        return FROM_TORCH.get(t.dtype) or str(t.dtype).replace("torch.", "")
-    return None
+def _dtype_name(t: torch.Tensor) -> str:
+    return FROM_TORCH.get(t.dtype) or str(t.dtype).replace("torch.", "")
 
 
 class _ConcreteProxy(fx.Proxy):
@@ -179,7 +185,8 @@ class _ConcreteProxy(fx.Proxy):
 
     def __iter__(self):
         if isinstance(self.concrete, (tuple, list)):
-            return iter([self[i] for i in range(len(self.concrete))])
+            # fx.Proxy's operator methods are installed at import time, unseen by type checkers
+            return iter([self[i] for i in range(len(self.concrete))])  # type: ignore[index]
         return super().__iter__()
 
     # ``x += y`` on a proxy would fall back to ``x = x + y`` (a new op); record the in-place update
@@ -379,6 +386,7 @@ def _to_opgraph(model: torch.nn.Module, graph: fx.Graph, concrete: dict[fx.Node,
     # type promotion, so they vote for gray ops as torch promotes them
     og = OpGraph(type(model).__name__, lookahead=False)
     og.variables_vote = True
+    og.env_lists = False  # TF's env lists reach torch plans only with use_env_lists=True
     tensor_of: dict[fx.Node, str] = {}
     op_node: dict[fx.Node, str] = {}
     used: dict[str, int] = {}
@@ -488,7 +496,7 @@ def _dtype_follows_a_tensor(node: fx.Node) -> bool:
     return isinstance(dt, fx.Node) and dt.op == "call_function" and dt.target is getattr
 
 
-_TRACES: "weakref.WeakKeyDictionary[OpGraph, TracedModel]" = weakref.WeakKeyDictionary()
+_TRACES: weakref.WeakKeyDictionary[OpGraph, TracedModel] = weakref.WeakKeyDictionary()
 
 
 def trace(model: torch.nn.Module, example_inputs: Sequence[Any] = (), kwargs: dict[str, Any] | None = None, *,
@@ -569,8 +577,8 @@ def apply(model: torch.nn.Module, plan: CastPlan, example_inputs: Sequence[Any] 
         raise GraphError("the plan was made for another graph than this model traces to; re-plan with trace(model, ...)")
     if isinstance(traced, ExportTrace):
         return ExportedPrecision(model, traced, plan, config if config is not None else _config_of(plan), native_fp16)
-    graph = _rewrite(traced, plan, native_fp16)
-    gm = fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Precision")
+    rewritten = _rewrite(traced, plan, native_fp16)
+    gm = fx.GraphModule(model, rewritten, class_name=f"{type(model).__name__}Precision")
     return gm
 
 
@@ -606,7 +614,8 @@ def _rewrite(traced: TracedModel, plan: CastPlan, native_fp16: bool, per_use: bo
                          {remap[n]: r for n, r in traced.op_node.items()})
     tensor_of = dict(traced.tensor_of)  # grows with the rounding casts of emulated float16 outputs
     index = {n: i for i, n in enumerate(plan.names)}
-    casts: dict[tuple[fx.Node, torch.dtype], fx.Node] = {}
+    # shared casts are keyed (src, dtype), per-use casts (src, dtype, consumer)
+    casts: dict[tuple[fx.Node, torch.dtype] | tuple[fx.Node, torch.dtype, fx.Node], fx.Node] = {}
 
     def cast(src: fx.Node, dt: torch.dtype, before: fx.Node) -> fx.Node:
         shared = not per_use or src.op == "get_attr"

@@ -41,7 +41,8 @@ import copy
 import inspect
 import logging
 import operator
-from typing import Any, Iterator, Sequence, Union
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -81,7 +82,7 @@ class InferenceStats:
 
 def convert_for_inference(
     model: torch.nn.Module,
-    plan_or_config: Union[CastPlan, RunConfig],
+    plan_or_config: CastPlan | RunConfig,
     example_inputs: Sequence[Any] | torch.Tensor,
     kwargs: dict[str, Any] | None = None,
     *,
@@ -146,13 +147,14 @@ def convert_for_inference(
                          "re-plan with precision_policy.torch.trace(model, ...)")
     stats = InferenceStats()
     stats.ops = len(plan.names)
-    stats.low_ops = sum(1 for d in plan.dtype if TO_TORCH.get(d) in _LOW)
+    stats.low_ops = sum(1 for d in plan.dtype if d is not None and d in TO_TORCH and TO_TORCH[d] in _LOW)
     if stats.low_ops == 0:
         log.warning("convert_for_inference: the plan runs no op of %s in a 16-bit dtype; the converted model "
                     "computes as the original", type(model).__name__)
 
     if exported is None:
         gm = apply(model, plan, traced=inner)
+        assert isinstance(gm, fx.GraphModule)  # an FX trace (not a torch.export one) rewrites to a GraphModule
         graph = fx.Graph()  # a copy owned by no module: it is rewritten to read attributes gm does not have
         graph.output(graph.graph_copy(gm.graph, {}))
         values = _graph_values(gm)  # target -> the original object (tensor, module, flag)
@@ -240,11 +242,10 @@ def convert_for_inference(
         stats.dropped, stats.promoted = _drop_noop_casts(
             graph, root, _placeholder_values(graph, model, example_inputs, kwargs, exported))
     graph.lint()
-    out: torch.nn.Module = fx.GraphModule(root, graph, class_name=f"{type(model).__name__}Inference")
-    if exported is not None:
-        out = ExportedInference(out, exported)
+    converted = fx.GraphModule(root, graph, class_name=f"{type(model).__name__}Inference")
+    out: torch.nn.Module = converted if exported is None else ExportedInference(converted, exported)
     out.eval()
-    out.pp_inference_stats = stats  # type: ignore[attr-defined]
+    out.pp_inference_stats = stats  # type: ignore[assignment]  # Module.__setattr__'s stub admits tensors and modules only
     log.info("convert_for_inference(%s): %r", type(model).__name__, stats)
     return out
 
@@ -291,7 +292,7 @@ def _trace_fx(model: torch.nn.Module, example_inputs: tuple, kwargs: dict[str, A
             "(`with precision_policy.torch.precision(config, model=model): ...`)")
     try:
         if kwargs:
-            return trace_fx(model, example_inputs, kwargs=kwargs)  # type: ignore[call-arg]
+            return trace_fx(model, example_inputs, kwargs=kwargs)
         return trace_fx(model, example_inputs)
     except PrecisionPolicyError:
         raise
@@ -445,8 +446,8 @@ def _drop_noop_casts(graph: fx.Graph, root: dict[str, Any], inputs: list[Any] | 
             if not (isinstance(a, fx.Node) and a.op == "call_method" and a.target == "to" and len(a.args) == 2
                     and isinstance(a.args[0], fx.Node) and a.args[0].name in meta):
                 continue
-            src = a.args[0]
-            if a.args[1] != meta[node.name].dtype or not _widens(meta[src.name].dtype, a.args[1]):
+            src, dst = a.args[0], a.args[1]
+            if not isinstance(dst, torch.dtype) or dst != meta[node.name].dtype or not _widens(meta[src.name].dtype, dst):
                 continue
             other = args[1 - k]
             fakes = [_fake(meta[src.name]) if j == k else (_fake(meta[o.name]) if isinstance(o, fx.Node) and

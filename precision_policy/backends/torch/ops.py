@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import json
 import operator
-from functools import lru_cache
-from typing import Any, Callable
+from collections.abc import Callable
+from functools import cache, lru_cache
+from typing import Any
 
 import torch
 
@@ -140,7 +141,7 @@ def writes_in_place(kwargs: dict[str, Any] | None) -> bool:
         >>> writes_in_place({"out": torch.empty(2)}), writes_in_place({"out": None}), writes_in_place(None)
         (True, False, False)
     """
-    return bool(kwargs) and kwargs.get("out") is not None
+    return kwargs is not None and kwargs.get("out") is not None
 
 
 UNMAPPED_PREFIX = "torch:"
@@ -201,7 +202,7 @@ def func_label(func: Any) -> str:
     if getattr(func, "__objclass__", None) is _TensorBase:
         return f"Tensor.{func.__name__}"
     mod = getattr(func, "__module__", None) or ""
-    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+    name = str(getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func)))
     mod = _C_MODULES.get(mod, mod)
     return f"{mod}.{name}" if mod else name
 
@@ -248,7 +249,7 @@ def aten_is_inplace(op: Any) -> bool:
     return is_inplace(_aten_name(op)) or bool(schema is not None and schema.is_mutable)
 
 
-@lru_cache(maxsize=None)
+@cache
 def aten_op_type(op: Any) -> str | None:
     """Canonical op type of an ATen op (an ``OpOverload`` such as ``torch.ops.aten.linear.default``).
 
@@ -303,8 +304,8 @@ def aten_disagreements() -> list[tuple[str, str, str, str]]:
             if other is not None and other != op:
                 out.append((name, op, path, other))
     for name, path in ATEN_FUNCTION_NAMES.items():
-        op = aten_op_type(getattr(torch.ops.aten, name).default)
+        aten_op = aten_op_type(getattr(torch.ops.aten, name).default)
         other = table.get("functions", {}).get(path) or table.get("methods", {}).get(path)
-        if other is not None and other != op:
-            out.append((name, str(op), path, other))
+        if other is not None and other != aten_op:
+            out.append((name, str(aten_op), path, other))
     return out

@@ -19,8 +19,8 @@ import copy
 import dataclasses
 import functools
 import logging
-from collections.abc import Mapping, MutableMapping
-from typing import Any, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
+from typing import Any, cast
 
 import torch
 
@@ -81,10 +81,11 @@ def _cast(out: Any, low: set[torch.dtype], to: torch.dtype) -> Any:
             return _NOT_CHANGED
         if type(out) is dict:
             return {k: changed.get(k, v) for k, v in out.items()}
-        new = copy.copy(out)  # OrderedDict, defaultdict, other dict subclasses: same type, same extras
+        # OrderedDict, defaultdict, other dict subclasses: same type, same extras
+        new_map = cast(MutableMapping[Any, Any], copy.copy(out))
         for k, v in changed.items():
-            new[k] = v
-        return new
+            new_map[k] = v
+        return new_map
     if isinstance(out, (list, tuple)):
         items = [_cast(v, low, to) for v in out]
         if all(v is _NOT_CHANGED for v in items):
@@ -205,8 +206,9 @@ def prepare(
             graph = None  # untraceable: the eager route still works, checked op by op
         if graph is not None:
             make_plan(graph, config)
-    if getattr(model, "_pp_original_forward", None) is not None:
-        model.forward = model._pp_original_forward  # re-preparing replaces the earlier config
+    previous = getattr(model, "_pp_original_forward", None)
+    if previous is not None:
+        model.forward = previous  # re-preparing replaces the earlier config
     original = model.forward
     origin = torch.get_default_dtype()
     low = {TO_TORCH["float16"], TO_TORCH["bfloat16"]}
@@ -217,8 +219,9 @@ def prepare(
             out = original(*args, **kwargs)
         return _cast_outputs(out, low, origin) if config.keep_output_dtype else out
 
-    model._pp_original_forward = original
-    model._pp_config = config
+    # Module.__setattr__'s stub admits tensors and modules only; plain attributes are stored as usual
+    model._pp_original_forward = original  # type: ignore[assignment]
+    model._pp_config = config  # type: ignore[assignment]
     model.forward = forward
     state = config.make_loss_scale() if explicit_loss_scale else _default_loss_scale(config)
     return model, (LossScaler(state, model=model) if state is not None else None)

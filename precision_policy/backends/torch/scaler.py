@@ -29,7 +29,8 @@ from __future__ import annotations
 import logging
 import sys
 import weakref
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
