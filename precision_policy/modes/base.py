@@ -25,10 +25,7 @@ from precision_policy.opinfo.library import OpInfo
 from precision_policy.rules import Rule
 
 if TYPE_CHECKING:
-    from precision_policy.graph import OpGraph
-    from precision_policy.opinfo.library import Library
-    from precision_policy.opinfo.overrides import Overrides
-    from precision_policy.plan import CastPlan
+    pass
 
 F32, F16, BF16, F64 = dtypes.FLOAT32, dtypes.FLOAT16, dtypes.BFLOAT16, dtypes.FLOAT64
 _FALLBACK_ORDER = (F32, F16, BF16, F64)
@@ -96,21 +93,6 @@ class PrecisionMode:
     def __repr__(self) -> str:
         return f"<precision mode {self.name!r} low={self.low}>"
 
-    def plan(
-        self,
-        graph: OpGraph,
-        library: Library,
-        overrides: Overrides | None = None,
-        *,
-        keep_output_dtype: bool = True,
-        config_summary: dict | None = None,
-        gray_disagreement: str = "widest",
-    ) -> CastPlan:
-        """Kept for callers of the old API: :func:`precision_policy.modes.planner.plan` with this mode."""
-        from precision_policy.modes.planner import plan
-
-        return plan(self, graph, library, overrides, keep_output_dtype=keep_output_dtype,
-                    config_summary=config_summary, gray_disagreement=gray_disagreement)
 
 
 __all__ = ["BF16", "F16", "F32", "F64", "Decision", "NoKernel", "PrecisionMode", "choose"]

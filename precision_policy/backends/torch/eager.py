@@ -173,6 +173,14 @@ class PrecisionFunctionMode(TorchFunctionMode):
         label, d, why, want, emulate, rule = hit
         if want is not None:
             args, kwargs = self._cast_inputs(args, kwargs, found, want, in_dtypes)
+        out = self._run(func, args, kwargs, emulate)
+        if self.record is not None:
+            self.record.append(_OpRecord(label, op, d, why, _out_dtypes(out), label, rule))
+        return out
+
+    def _run(self, func: Any, args: Any, kwargs: dict, emulate: bool) -> Any:
+        """Call ``func`` on its cast inputs, shielded from this mode; store emulated float16 outputs
+        as float16; without the model, mark outputs as computed (they vote for gray ops)."""
         _state.busy = True
         try:
             out = func(*args, **kwargs)
@@ -180,10 +188,8 @@ class PrecisionFunctionMode(TorchFunctionMode):
             _state.busy = False
         if emulate:
             out = _to_dtype(out, torch.float32, torch.float16)
-        if state_ids is None and not torch.is_grad_enabled():
+        if self._state_ids is None and not torch.is_grad_enabled():
             _mark_computed(out)
-        if self.record is not None:
-            self.record.append(_OpRecord(label, op, d, why, _out_dtypes(out), label, rule))
         return out
 
     def _decide(self, func, op, origin, in_dtypes, voters):
@@ -328,15 +334,7 @@ class PrecisionFunctionMode(TorchFunctionMode):
                 changed = True
         if changed:
             args, kwargs = tree_unflatten(flat, spec)
-        _state.busy = True
-        try:
-            out = func(*args, **kwargs)
-        finally:
-            _state.busy = False
-        if emulate:
-            out = _to_dtype(out, torch.float32, torch.float16)
-        if self._state_ids is None and not torch.is_grad_enabled():
-            _mark_computed(out)
+        out = self._run(func, args, kwargs, emulate)
         if self.record is not None:
             self.record.append(_OpRecord(label, op, d, choice.reason, _out_dtypes(out), name, choice.rule))
         return out
