@@ -27,6 +27,8 @@ from precision_policy.backends.torch.export import ExportedPrecision  # noqa: E4
 from precision_policy.backends.torch.ops import aten_disagreements, aten_op_type, op_type_of  # noqa: E402
 from precision_policy.torch import apply, precision, trace, trace_fx  # noqa: E402
 
+from torch_models import ConvBNDropNet  # noqa: E402
+
 #: ATen ops that only change a tensor's dtype: autocast's casts and the plan's.
 CASTS = frozenset({"_to_copy", "to", "copy_"})
 
@@ -95,18 +97,6 @@ class Gated(nn.Module):
     def forward(self, x: torch.Tensor, *, gate: torch.Tensor) -> dict:
         h = self.drop(self.fc(x)) * self.alpha  # 0-dim: does not vote, bf16
         return {"y": h * gate, "z": self.fc(x) + self.bias}  # a float32 parameter votes: float32
-
-
-class BNNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.drop = nn.Dropout(0.5)
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.drop(torch.relu(self.bn(self.conv(x)))).mean(dim=(2, 3)))
 
 
 class Rotary(nn.Module):
@@ -186,7 +176,7 @@ def test_keyword_inputs_parameters_and_dropout_through_the_export_route():
 
 def test_capture_changes_nothing_and_buffers_update_as_under_autocast():
     torch.manual_seed(0)
-    model, x = BNNet().train(), torch.randn(4, 3, 6, 6)
+    model, x = ConvBNDropNet().train(), torch.randn(4, 3, 6, 6)
     model.conv.bias.requires_grad_(False)
     model.drop.eval()  # a submodule's own flag is kept, and the capture is specialised on it
     reference = copy.deepcopy(model)

@@ -16,6 +16,7 @@ from precision_policy.errors import ConfigError, GraphError  # noqa: E402
 from precision_policy.torch import trace  # noqa: E402
 
 import torch_zoo  # noqa: E402
+from torch_models import ConvBNDropNet  # noqa: E402
 
 BF16 = pp.RunConfig(precision_mode="allow_mix_precision_bf16", op_info="torch_autocast_cpu", use_env_lists=False)
 
@@ -81,22 +82,9 @@ def _check(model: nn.Module, x: tuple, *, exact: bool = True, fp32_tol: float = 
     return fast
 
 
-class SmallNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.drop = nn.Dropout(0.5)
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.drop(torch.relu(self.bn(self.conv(x))))
-        return self.fc(y.mean((2, 3)))
-
-
 def test_small_net_matches_autocast_and_leaves_the_model_alone() -> None:
     torch.manual_seed(0)
-    model = SmallNet().train()
+    model = ConvBNDropNet().train()
     x = (torch.randn(1, 3, 8, 8),)
     fast = _check(model, x)
     assert fast.conv.weight.dtype == torch.bfloat16 and fast.fc.weight.dtype == torch.bfloat16

@@ -22,6 +22,20 @@ class BasicBlock(nn.Module):
         return torch.relu(y + x)
 
 
+class ConvBNDropNet(nn.Module):
+    """conv -> BatchNorm -> ReLU -> Dropout -> mean -> Linear: running statistics and a train/eval switch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(torch.relu(self.bn(self.conv(x)))).mean(dim=(2, 3)))
+
+
 def mlp(d_in: int = 64, hidden: int = 128, classes: int = 10) -> nn.Module:
     return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, classes))
 

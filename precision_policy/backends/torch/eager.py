@@ -34,6 +34,7 @@ from precision_policy.backends.torch.ops import func_label, op_type_of, writes_i
 from precision_policy.config import RunConfig
 from precision_policy.errors import ConfigError, OverrideError, PrecisionError
 from precision_policy.modes.decider import VARIABLE, NodeDecider
+from precision_policy.opinfo.library import Library
 from precision_policy.opinfo.overrides import ENV_PREFIX
 from precision_policy.rules import Rule
 
@@ -683,14 +684,13 @@ def _decider_for_cached(config: RunConfig) -> NodeDecider:
         if len(_LIBRARIES) >= 64:
             _LIBRARIES.clear()
         hit = _LIBRARIES[id(config)] = (config, config.library())
-    library = hit[1]
-    return NodeDecider(config.mode, library, config.overrides(library, env_lists_default=False), dedupe=True,
-                       gray_disagreement=config.gray_disagreement)
+    return decider_for(config, hit[1])
 
 
-def decider_for(config: RunConfig) -> NodeDecider:
-    """The core decider for a config (library and overrides loaded once)."""
-    library = config.library()
+def decider_for(config: RunConfig, library: Library | None = None) -> NodeDecider:
+    """The core decider for a config (its library, loaded here unless given, and its overrides)."""
+    if library is None:
+        library = config.library()
     return NodeDecider(config.mode, library, config.overrides(library, env_lists_default=False), dedupe=True,
                        gray_disagreement=config.gray_disagreement)
 
