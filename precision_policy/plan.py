@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from precision_policy import dtypes
 from precision_policy.errors import GraphError, PlanFormatError
-from precision_policy.rules import Rule
+from precision_policy.reasons import render
+from precision_policy.rules import Rule, Why
 
 if TYPE_CHECKING:
     from precision_policy.graph import OpGraph
@@ -41,10 +42,12 @@ if TYPE_CHECKING:
     from precision_policy.opinfo.library import Library
 
 PLAN_FORMAT = "precision_policy.cast_plan"
-#: Version 2 added each node's ``rule`` and ``followed``; version 1 plans still load (their
-#: nodes' ``rule`` and ``followed`` are None: the reason prose is never parsed back).
-PLAN_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+#: Version 2 added each node's ``rule`` and ``followed``; version 3 the rest of its structured
+#: reason (``detail``, ``where``, ``wanted``, ``inner``: see :class:`~precision_policy.rules.Why`),
+#: from which ``reason`` is rendered. Older plans still load with the reason text they stored
+#: (version 1 nodes' ``rule`` and ``followed`` are None: the prose is never parsed back).
+PLAN_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 
 class Cast:
@@ -116,6 +119,8 @@ class NodeDecision:
     identity: bool = False
     rule: Rule | None = None
     followed: str | None = None
+    why: Why | None = None
+    """The whole structured reason (rule, followed node, override, wanted dtypes, inner decision)."""
 
     @property
     def converted(self) -> bool:
@@ -140,11 +145,10 @@ class CastPlan:
         dtype: list[str | None],
         in_dtypes: list[tuple[str, ...]],
         out_dtypes: list[tuple[str, ...]],
-        reasons: list[str],
+        whys: Sequence[Why | None],
         casts: list[Cast],
-        rules: Sequence[Rule | None] | None = None,
-        followed: list[str | None] | None = None,
         identity: set[int],
+        reasons: list[str] | None = None,
         unknown: dict[str, list[str]],
         warnings: list[str],
         keep_output_dtype: bool = True,
@@ -167,9 +171,10 @@ class CastPlan:
         self.dtype = dtype
         self.in_dtypes = in_dtypes
         self.out_dtypes = out_dtypes
-        self.reasons = reasons
-        self.rules: list[Rule | None] = list(rules) if rules is not None else [None] * len(reasons)
-        self.followed: list[str | None] = followed if followed is not None else [None] * len(reasons)
+        self.whys: list[Why | None] = list(whys)
+        self.rules: list[Rule | None] = [w.rule if w is not None else None for w in self.whys]
+        self.followed: list[str | None] = [w.followed if w is not None else None for w in self.whys]
+        self._reasons = reasons  # the text a version-1/2 file stored; else rendered from whys on demand
         self._casts = casts
         self.identity = identity
         self.unknown = unknown
@@ -181,6 +186,21 @@ class CastPlan:
     # ------------------------------------------------------------------ access
     def __len__(self) -> int:
         return len(self.names)
+
+    @property
+    def reasons(self) -> list[str]:
+        """Each node's reason in words, rendered from its :class:`~precision_policy.rules.Why`."""
+        if self._reasons is None:
+            ident = self.identity
+            self._reasons = [
+                render(w, self.dtype[i], self.in_dtypes[i], self.out_dtypes[i], identity=i in ident) if w is not None else ""
+                for i, w in enumerate(self.whys)
+            ]
+        return self._reasons
+
+    def why(self, name: str) -> Why | None:
+        """The structured reason of node ``name`` (None for a plan read from a version-1 file)."""
+        return self.whys[self._idx(name)]
 
     def _idx(self, name: str) -> int:
         if self._index is None:
@@ -206,6 +226,7 @@ class CastPlan:
             identity=i in self.identity,
             rule=self.rules[i],
             followed=self.followed[i],
+            why=self.whys[i],
         )
 
     def __getitem__(self, name: str) -> NodeDecision:
@@ -341,6 +362,7 @@ class CastPlan:
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
         nodes: dict[str, Any] = {}
+        reasons = self.reasons
         for i, name in enumerate(self.names):
             entry: dict[str, Any] = {
                 "op": self.op_types[i],
@@ -348,13 +370,11 @@ class CastPlan:
                 "dtype": self.dtype[i],
                 "inputs": list(self.in_dtypes[i]),
                 "outputs": list(self.out_dtypes[i]),
-                "reason": self.reasons[i],
+                "reason": reasons[i],
             }
-            rule = self.rules[i]
-            if rule is not None:
-                entry["rule"] = rule.value
-            if self.followed[i] is not None:
-                entry["followed"] = self.followed[i]
+            why = self.whys[i]
+            if why is not None:
+                entry.update(why.to_dict())
             if i in self.identity:
                 entry["identity"] = True
             nodes[name] = entry
@@ -402,9 +422,11 @@ class CastPlan:
             if data.get("version") not in READABLE_VERSIONS:
                 raise PlanFormatError(f"cast plan version {data.get('version')!r} is not supported "
                                       f"(reads {', '.join(map(str, READABLE_VERSIONS))})")
+            version = data["version"]
             names = list(data["nodes"])
             index = {n: i for i, n in enumerate(names)}
             nodes = [data["nodes"][n] for n in names]
+            whys = [_why(e, version) for e in nodes]
             casts = []
             for c in data["casts"]:
                 src, _, port = c["tensor"].rpartition(":")
@@ -419,9 +441,8 @@ class CastPlan:
                 dtype=[e["dtype"] for e in nodes],
                 in_dtypes=[tuple(e["inputs"]) for e in nodes],
                 out_dtypes=[tuple(e["outputs"]) for e in nodes],
-                reasons=[e["reason"] for e in nodes],
-                rules=[_rule(e.get("rule")) for e in nodes],
-                followed=[e.get("followed") for e in nodes],
+                whys=whys,
+                reasons=None if version >= 3 else [str(e["reason"]) for e in nodes],
                 casts=casts,
                 identity={i for i, e in enumerate(nodes) if e.get("identity")},
                 unknown={k: list(v) for k, v in data.get("unknown_ops", {}).items()},
@@ -475,11 +496,16 @@ class CastPlan:
         return f"CastPlan(mode={self.mode_name!r}, {len(self)} nodes: {self.summary()!r})"
 
 
-def _rule(value: Any) -> Rule | None:
+def _why(entry: dict[str, Any], version: int) -> Why | None:
+    """A node's structured reason from its JSON entry: all of it (v3), the rule and followed node (v2), none (v1)."""
+    value = entry.get("rule")
     if value is None:
         return None
     try:
-        return Rule(value)
+        if version >= 3:
+            return Why.from_dict(entry)
+        followed = entry.get("followed")
+        return Why(Rule(value), followed=None if followed is None else str(followed))
     except ValueError:
         raise PlanFormatError(f"unknown rule {value!r} (known: {', '.join(r.value for r in Rule)})") from None
 

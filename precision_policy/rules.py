@@ -1,21 +1,25 @@
 """Which rule decided a node's dtype: the structured half of every plan decision.
 
-Every node of a :class:`~precision_policy.plan.CastPlan` carries a :class:`Rule` and, for
-rules that follow another node (a gray op following its producer), the name of the node it
-followed. Code decides on these fields; the reason prose a plan shows (``summary``,
-``explain``, JSON) is for people and is never parsed.
+Every decision the planner and the eager backends take is a :class:`Why`: a :class:`Rule`
+plus the facts behind it (the node it followed, the override that applied, the dtypes
+that had no kernel, the decision underneath a composite one). Code decides on these
+fields; the prose a plan shows (``summary``, ``explain``, JSON, the report) is rendered
+from them by :mod:`precision_policy.reasons` and never parsed back.
 
 Example:
-    >>> from precision_policy.rules import Rule
+    >>> from precision_policy.rules import Rule, Why
     >>> Rule.GRAY_FOLLOWS.value
     'gray_follows'
     >>> Rule("white") is Rule.WHITE
     True
+    >>> Why(Rule.GRAY_FOLLOWS, followed="conv").followed
+    'conv'
 """
 
 from __future__ import annotations
 
 from enum import Enum
+from typing import Any, NamedTuple
 
 
 class Rule(str, Enum):
@@ -64,4 +68,77 @@ class Rule(str, Enum):
     """The mode cannot be honoured for this op (planning raises a PrecisionError listing every such op)."""
 
 
-__all__ = ["Rule"]
+#: The closed vocabulary of :attr:`Why.detail` (besides a precision mode's name, which a mode's
+#: blanket rule carries, and a source kind ``input``/``const``/``variable``): what qualifies a rule.
+DETAILS = frozenset({
+    "cube_op",          # MODE: a cube (heavy) op runs in the low dtype
+    "keeps_float32",    # MODE: keeps float32 where a kernel exists
+    "vector_op",        # MODE: a vector op keeps float32 (allow_fp32_to_fp16)
+    "keeps_origin",     # MODE: keeps its origin dtype
+    "only_kernel",      # FALLBACK_KERNEL: none of the wanted dtypes has a kernel; its only float kernel
+    "widest",           # GRAY_FOLLOWS: inputs disagree, followed the widest
+    "lowest",           # GRAY_FOLLOWS: inputs disagree, followed the lowest
+    "lookahead",        # READS_SOURCE: moved to the low dtype by the look-ahead pass
+    "absorbed",         # EXISTING_CAST: writes what all its consumers need
+    "loop_back",        # CONTROL_FLOW: carries a loop variable back in its Merge's dtype
+    "loop_merge",       # CONTROL_FLOW: a loop variable in the dtype its body produces
+    "no_float_input",   # CONTROL_FLOW: no float input
+    "readers",          # HANDLE_TIED: the element dtype its readers and writers need
+    "around",           # HANDLE_TIED: keeps its origin dtype, casts go around it
+    "created",          # HANDLE_TIED: creates the list (its element dtype)
+})
+
+
+class Why(NamedTuple):
+    """Why one node computes in its dtype, as data: the rule and the facts it was decided from.
+
+    Example:
+        >>> from precision_policy.rules import Rule, Why
+        >>> w = Why(Rule.WHITE, inner=Why(Rule.FALLBACK_KERNEL, wanted=("float16",)))
+        >>> Why.from_dict(w.to_dict()) == w
+        True
+    """
+
+    rule: Rule
+    followed: str | None = None
+    """The node followed: a gray op's producer, a frame op's value, or the source a read reads."""
+    detail: str = ""
+    """A qualifier from :data:`DETAILS`, a precision mode's name, or a source kind."""
+    where: str = ""
+    """The user override behind the decision: ``keep.txt:2``, ``modify_mixlist mix.json: added to black-list``."""
+    wanted: tuple[str, ...] = ()
+    """Dtypes asked for that have no kernel (fallbacks); the dtype a gray op followed; the low dtype of a moved read."""
+    inner: Why | None = None
+    """The decision underneath a composite one (white-list *but* no low kernel; gray *fed only by constants*: the mode's)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan-JSON form: only the fields that are set."""
+        out: dict[str, Any] = {"rule": self.rule.value}
+        if self.followed is not None:
+            out["followed"] = self.followed
+        if self.detail:
+            out["detail"] = self.detail
+        if self.where:
+            out["where"] = self.where
+        if self.wanted:
+            out["wanted"] = list(self.wanted)
+        if self.inner is not None:
+            out["inner"] = self.inner.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Why:
+        """Read :meth:`to_dict`'s form back (raises ValueError/TypeError/KeyError on a malformed one)."""
+        inner = data.get("inner")
+        followed = data.get("followed")
+        return cls(
+            Rule(data["rule"]),
+            None if followed is None else str(followed),
+            str(data.get("detail", "")),
+            str(data.get("where", "")),
+            tuple(str(d) for d in data.get("wanted", ())),
+            None if inner is None else cls.from_dict(inner),
+        )
+
+
+__all__ = ["DETAILS", "Rule", "Why"]

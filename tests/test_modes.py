@@ -5,7 +5,7 @@ import pytest
 import precision_policy as pp
 from precision_policy import modes
 from precision_policy.errors import ConfigError, PrecisionError
-from precision_policy.rules import Rule
+from precision_policy.rules import Rule, Why
 
 from conftest import EXAMPLES, casts, graph, plan
 
@@ -103,7 +103,7 @@ def test_allow_mix_precision(small_lib):
     assert dt(p, "relu2") == "float32" and rule(p, "relu2") == (Rule.GRAY_FOLLOWS, "rs")
     assert dt(p, "conv") == "float16"
     # white op with no float16 kernel keeps its precision, with a warning
-    assert dt(p, "e") == "float32" and rule(p, "e") is Rule.WHITE and "no float16 kernel" in p["e"].reason
+    assert dt(p, "e") == "float32" and p["e"].why == Why(Rule.WHITE, inner=Why(Rule.FALLBACK_KERNEL, wanted=("float16",)))
     assert any("Exp32" in w for w in p.warnings)
     assert modes.get("mixed_float16") is modes.get("allow_mix_precision")
 
@@ -129,7 +129,7 @@ def test_allow_mix_precision_bf16(small_lib):
     p = plan(g, "allow_mix_precision_bf16", small_lib)
     assert dt(p, "b") == "bfloat16" and rule(p, "b") is Rule.WHITE
     # Relu has no bf16 kernel in this library: it cannot follow, keeps float32
-    assert dt(p, "r") == "float32" and rule(p, "r") == (Rule.GRAY_FOLLOWS, "b") and "no bfloat16 kernel" in p["r"].reason
+    assert dt(p, "r") == "float32" and rule(p, "r") == (Rule.GRAY_FOLLOWS, "b") and p["r"].why.inner.wanted == ("bfloat16",)
     assert modes.get("mixed_bfloat16").name == "allow_mix_precision_bf16"
     p910b = pp.plan(EXAMPLES / "conv2d_bias_relu.json", pp.RunConfig(precision_mode="mixed_bfloat16", op_info="ascend910b"))
     assert [dt(p910b, n) for n in ("myConv", "BiasAdd", "myOutput")] == ["bfloat16"] * 3
@@ -173,7 +173,7 @@ def test_gray_inputs_that_disagree_take_the_widest(small_lib):
         ("mm", "MatMulV2", ["x:0", "w:0"]), ("rs", "ReduceSum", ["x:0"]), ("a", "Add", ["mm:0", "rs:0"]),
     ], ["a:0"])
     p = plan(g, "allow_mix_precision", small_lib)
-    assert dt(p, "a") == "float32" and rule(p, "a") == (Rule.GRAY_FOLLOWS, "rs") and "disagree" in p["a"].reason
+    assert dt(p, "a") == "float32" and p["a"].why == Why(Rule.GRAY_FOLLOWS, followed="rs", detail="widest")
     assert ("mm:0", "float32") in casts(p)
 
 
@@ -187,14 +187,14 @@ def test_graph_inputs_vote_so_a_residual_stream_keeps_its_precision(small_lib):
     g = graph([("x", "Placeholder", []), ("w", "Const", []), ("mm", "MatMulV2", ["x:0", "w:0"]),
                ("res", "Add", ["x:0", "mm:0"]), ("r", "Relu", ["x:0"])], ["res:0", "r:0"])
     p = plan(g, "allow_mix_precision", small_lib)
-    assert dt(p, "res") == "float32" and "disagree" in p["res"].reason
-    assert dt(p, "r") == "float32" and p["r"].reason == "gray: follows x"
+    assert dt(p, "res") == "float32" and p["res"].why.detail == "widest"
+    assert dt(p, "r") == "float32" and p["r"].why == Why(Rule.GRAY_FOLLOWS, followed="x")
 
 
 def test_gray_op_ignores_constant_inputs_when_following(small_lib):
     g = graph([("x", "Placeholder", []), ("w", "Const", []), ("mm", "MatMulV2", ["x:0", "w:0"]), ("a", "Add", ["mm:0", "w:0"])], ["a:0"])
     p = plan(g, "allow_mix_precision", small_lib)
-    assert dt(p, "a") == "float16" and p["a"].reason == "gray: follows mm"
+    assert dt(p, "a") == "float16" and p["a"].why == Why(Rule.GRAY_FOLLOWS, followed="mm")
     w_cast = [c for c in p.casts if c.tensor == "w:0"]
     assert len(w_cast) == 1 and set(w_cast[0].consumers) == {"mm", "a"}  # one cast shared by both
 
@@ -226,7 +226,7 @@ def test_consts_are_cast_ahead_of_time_and_not_counted(small_lib):
     kinds = {c.tensor: c.kind for c in p.casts}
     assert kinds["w:0"] == "const" and kinds["vr:0"] == "variable" and kinds["x:0"] == "input"
     assert p.summary().endswith("using 1 cast(s) to float16 (excluding Const and Variable casts)")
-    assert p["vr"].reason == "reads variable v"
+    assert p["vr"].why == Why(Rule.READS_SOURCE, followed="v", detail="variable")
 
 
 def test_existing_casts_absorb_the_casts_around_them(small_lib):
@@ -251,7 +251,7 @@ def test_unknown_op_types_keep_origin_and_are_listed(small_lib):
     g = graph([("x", "Placeholder", []), ("w", "Const", []), ("mm", "MatMulV2", ["x:0", "w:0"]), ("u", "MyOp", ["mm:0"]),
                ("u2", "MyOp", ["u:0"])], ["u2:0"])
     p = plan(g, "allow_mix_precision", small_lib)
-    assert dt(p, "u") == "float32" and "unknown op type" in p["u"].reason
+    assert dt(p, "u") == "float32" and rule(p, "u") is Rule.UNKNOWN_OP
     assert p.unknown == {"MyOp": ["u", "u2"]}
     assert ("mm:0", "float32") in casts(p)
 
@@ -268,26 +268,26 @@ def test_float64_ops_keep_their_precision(small_lib):
     lib_graph = graph([("x", "Placeholder", [], ["float64"]), ("r", "Relu", ["x:0"], ["float64"])], ["r:0"])
     p = plan(lib_graph, "force_fp16", "ascend910")
     # ascend910's Relu has no double kernel: float32 is the closest, and the reason says so
-    assert dt(p, "r") == "float32" and p["r"].reason == "no float64 kernel"
+    assert dt(p, "r") == "float32" and p["r"].why == Why(Rule.FALLBACK_KERNEL, wanted=("float64",))
     import json
 
     lib = small_lib.parent / "f64.json"
     lib.write_text(json.dumps({"Relu": {"input0": {"dtype": "double,float,float16"}, "output0": {"dtype": "double,float,float16"}}}))
     p = plan(lib_graph, "force_fp16", lib)
-    assert dt(p, "r") == "float64" and "float64 op" in p["r"].reason
+    assert dt(p, "r") == "float64" and rule(p, "r") is Rule.FLOAT64
 
 
 def test_gray_op_between_black_and_white_runs_low_when_it_adds_no_cast(small_lib):
     nodes = [("x", "Placeholder", []), ("w", "Const", []), ("rs", "ReduceSum", ["x:0"]), ("r", "Relu", ["rs:0"]),
              ("mm", "MatMulV2", ["r:0", "w:0"])]
     p = plan(graph(nodes, ["mm:0"]), "allow_mix_precision", small_lib)
-    assert p["r"].dtype == "float16" and "every reader needs float16" in p["r"].reason
+    assert p["r"].dtype == "float16" and rule(p, "r") is Rule.GRAY_LOOKAHEAD
     assert ("rs:0", "float16") in casts(p) and ("r:0", "float16") not in casts(p)
     # a graph an eager route must reproduce op by op does not look ahead
     g = graph(nodes, ["mm:0"])
     g.lookahead = False
     p = plan(g, "allow_mix_precision", small_lib)
-    assert p["r"].dtype == "float32" and p["r"].reason == "gray: follows rs"
+    assert p["r"].dtype == "float32" and p["r"].why == Why(Rule.GRAY_FOLLOWS, followed="rs")
     # two float inputs to cast instead of one output: not worth it
     nodes2 = nodes[:3] + [("rs2", "ReduceSum", ["x:0"]), ("a", "Add", ["rs:0", "rs2:0"]), ("mm", "MatMulV2", ["a:0", "w:0"])]
     p = plan(graph(nodes2, ["mm:0"]), "allow_mix_precision", small_lib)
@@ -316,7 +316,7 @@ def test_every_decision_names_its_rule():
         "mm": Rule.WHITE, "c": Rule.EXISTING_CAST, "u": Rule.UNKNOWN_OP, "ids": Rule.SOURCE,
         "n": Rule.NO_FLOAT_TENSORS, "d": Rule.SOURCE, "d2": Rule.GRAY_FOLLOWS,
     }
-    assert [(d.name, d.followed) for d in p if d.followed] == [("d2", "d")]
+    assert [(d.name, d.followed) for d in p if d.followed] == [("vr", "v"), ("d2", "d")]  # a read follows its source
     assert p["vr"].dtype == "float16" and p["r"].dtype == "float16"
     p = pp.plan(g, precision_mode="force_fp16", op_info="ascend910", use_env_lists=False)
     # no float64 Relu kernel in ascend910: the float64 rule's fallback

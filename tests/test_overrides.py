@@ -222,3 +222,17 @@ def test_tf_alias_in_env_lists(small_lib):
         pytest.skip("no tensorflow alias table")
     p = env_plan(small_lib, {P + "DENYLIST_REMOVE": "Sum"})
     assert p["rs"].rule in GRAY
+
+
+def test_customize_dtypes_wins_over_an_impossible_keep_dtype_without_error(tmp_path, small_lib):
+    # Conv2D has no float32 kernel: keep_dtype alone cannot be honoured (an error), but customize_dtypes
+    # names the same op and has priority, so keep_dtype's impossible request is not raised
+    g = graph([("x", "Placeholder", []), ("w", "Const", []), ("conv", "Conv2D", ["x:0", "w:0"])], ["conv:0"])
+    keep = tmp_path / "keep.txt"
+    keep.write_text("conv\n")
+    with pytest.raises(PrecisionError, match=r"conv \(Conv2D\): keep_dtype asks for float32"):
+        plan(g, "allow_mix_precision", small_lib, keep_dtype=keep)
+    custom = tmp_path / "custom.txt"
+    custom.write_text("conv::InputDtype:float16,float16,OutputDtype:float16\n")
+    p = plan(g, "allow_mix_precision", small_lib, keep_dtype=keep, customize_dtypes=custom)
+    assert p["conv"].dtype == "float16" and p["conv"].rule is Rule.CUSTOMIZE_DTYPES and "custom.txt:1" in p["conv"].reason

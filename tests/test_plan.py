@@ -7,7 +7,7 @@ import pytest
 import precision_policy as pp
 from precision_policy.errors import PlanFormatError
 from precision_policy.plan import CastPlan
-from precision_policy.rules import Rule
+from precision_policy.rules import Rule, Why
 
 from conftest import EXAMPLES, graph, plan
 
@@ -30,13 +30,13 @@ def test_json_has_every_node_and_cast_and_is_byte_stable(tmp_path):
     text = p1.to_json()
     assert text == p2.to_json()
     doc = json.loads(text)
-    assert doc["format"] == "precision_policy.cast_plan" and doc["version"] == 2
+    assert doc["format"] == "precision_policy.cast_plan" and doc["version"] == 3
     g = pp.OpGraph.from_json(TRANSFORMER)
     assert list(doc["nodes"]) == g.node_names
     assert all({"dtype", "reason", "rule", "op", "origin", "inputs", "outputs"} <= set(v) for v in doc["nodes"].values())
     assert {Rule(v["rule"]) for v in doc["nodes"].values()} >= {Rule.SOURCE, Rule.WHITE, Rule.BLACK, Rule.GRAY_FOLLOWS}
     assert all(("followed" in v) == (v["rule"] == "gray_follows") for v in doc["nodes"].values()
-               if v["rule"] != "control_flow")
+               if v["rule"] not in ("control_flow", "reads_source"))  # (those name the value they carry or read)
     assert all({"tensor", "to", "from", "source", "consumers"} <= set(c) for c in doc["casts"])
     out = tmp_path / "plan.json"
     p1.to_json(out)
@@ -72,7 +72,32 @@ def test_version_1_plans_still_load():
     assert [d.reason for d in old] == [d.reason for d in p]
     assert "why" in old.explain("loss/Mean")
     again = json.loads(old.to_json())
-    assert again["version"] == 2 and all("rule" not in v for v in again["nodes"].values())
+    assert again["version"] == 3 and all("rule" not in v for v in again["nodes"].values())
+
+
+def test_version_2_plans_load_with_their_rules_and_stored_reasons():
+    p = pp.plan(TRANSFORMER, precision_mode="allow_mix_precision", use_env_lists=False)
+    doc = json.loads(p.to_json())
+    doc["version"] = 2
+    for node in doc["nodes"].values():  # version 2 stored the rule, followed node and reason text only
+        for key in ("detail", "where", "wanted", "inner"):
+            node.pop(key, None)
+        node["reason"] = "as v2 wrote it: " + node["reason"]
+    old = CastPlan.from_dict(doc)
+    assert [(d.rule, d.followed) for d in old] == [(d.rule, d.followed) for d in p]
+    assert all(d.reason.startswith("as v2 wrote it: ") for d in old)  # the stored text, not re-rendered
+    assert old.diff(p).empty
+
+
+def test_structured_reasons_round_trip_and_render_the_same_prose():
+    cfg = pp.RunConfig(precision_mode="allow_mix_precision", op_info="ascend910", use_env_lists=False)
+    p = pp.plan(TRANSFORMER, cfg)
+    back = CastPlan.from_dict(json.loads(p.to_json()))
+    assert back.whys == p.whys and back.reasons == p.reasons
+    mm = next(d for d in p if d.rule is Rule.WHITE)
+    assert mm.why == Why(Rule.WHITE) and p.why(mm.name) == mm.why
+    relu = next(d for d in p if d.rule is Rule.GRAY_FOLLOWS)
+    assert relu.why.followed == relu.followed and relu.reason == f"gray: follows {relu.followed}"
 
 
 def test_version_1_plan_file_written_by_the_old_code_loads(tmp_path):

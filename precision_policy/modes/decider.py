@@ -29,7 +29,8 @@ from precision_policy import dtypes
 from precision_policy.modes.base import Decision, NoKernel
 from precision_policy.opinfo.library import GRAY, Library, OpInfo
 from precision_policy.opinfo.overrides import DtypeSpec, Overrides
-from precision_policy.rules import Rule
+from precision_policy.reasons import render
+from precision_policy.rules import Rule, Why
 
 if TYPE_CHECKING:
     from precision_policy.modes.base import PrecisionMode
@@ -51,21 +52,32 @@ class NodeChoice(NamedTuple):
 
     dtype: str
     """The compute dtype."""
-    reason: str
-    """Why, in words (for people: plans render it; code reads :attr:`rule`)."""
+    why: Why
+    """Why: the rule and its facts (code reads these; :attr:`reason` renders them for people)."""
     inputs: tuple[str, ...]
     """The dtype each input is consumed in."""
     outputs: tuple[str, ...]
     """The dtype each output is produced in."""
-    rule: Rule
-    """Which rule decided."""
-    followed: str | None = None
-    """The producer a gray op followed (:attr:`Rule.GRAY_FOLLOWS`), else None."""
+
+    @property
+    def rule(self) -> Rule:
+        """Which rule decided."""
+        return self.why.rule
+
+    @property
+    def followed(self) -> str | None:
+        """The producer a gray op followed (:attr:`Rule.GRAY_FOLLOWS`), else None."""
+        return self.why.followed
+
+    @property
+    def reason(self) -> str:
+        """The decision in words (rendered on demand; never parsed)."""
+        return render(self.why, self.dtype, self.inputs, self.outputs)
 
     @property
     def is_existing_cast(self) -> bool:
         """A ``Cast`` of the model that the planner may retarget (absorbing the cast after it)."""
-        return self.rule is Rule.EXISTING_CAST
+        return self.why.rule is Rule.EXISTING_CAST
 
 
 _new_tuple = tuple.__new__  # builds a NamedTuple without its keyword-checking __new__ (decide_node runs per node)
@@ -74,14 +86,12 @@ _new_tuple = tuple.__new__  # builds a NamedTuple without its keyword-checking _
 class _Draft(NamedTuple):
     """A decision before the node's name is known (memoised per op type and input dtypes).
 
-    The reason is ``head + <followed producer> + tail`` when ``follow_input >= 0``, else ``head``.
+    When ``follow_input >= 0`` the producer of that input goes into ``why.followed``.
     """
 
     dtype: str
-    rule: Rule
+    why: Why
     follow_input: int
-    head: str
-    tail: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     warning: str | None
@@ -169,15 +179,13 @@ class NodeDecider:
                 draft = self._memo[key] = self._decide(None, op, org, actual_in, voters, outs)
             if draft.choice is not None:  # the same for every node: nothing to name, warn or report
                 return draft.choice
-        followed = None
-        reason = draft.head
+        why = draft.why
         if draft.follow_input >= 0:
             m = draft.follow_input
             prod = producers[m] if m < len(producers) else "?"
             if names is not None and not isinstance(prod, str):
                 prod = names[prod[0]]
-            followed = str(prod)
-            reason = draft.head + followed + draft.tail
+            why = why._replace(followed=str(prod))
         if draft.warning:
             text = f"{name}: {draft.warning}"
             if self._seen is None:
@@ -187,7 +195,7 @@ class NodeDecider:
                 self.warnings.append(text)
         for detail in draft.problems:
             self.problems.append((name, op, detail))
-        return _new_tuple(NodeChoice, (draft.dtype, reason, draft.inputs, draft.outputs, draft.rule, followed))
+        return _new_tuple(NodeChoice, (draft.dtype, why, draft.inputs, draft.outputs))
 
     # ------------------------------------------------------------------ one decision
     def _mode_decision(self, cache: dict, info: OpInfo, flag: str, org: str, follow: str | None) -> Decision:
@@ -198,7 +206,7 @@ class NodeDecider:
             try:
                 dec = self.mode.decide(info, flag, org, follow)
             except NoKernel as exc:
-                dec = Decision(org, "", str(exc), Rule.NO_KERNEL)  # the planner collects it as a problem
+                dec = Decision(org, Why(Rule.NO_KERNEL), str(exc))  # the planner collects it as a problem
             cache[key] = dec
         return dec
 
@@ -220,57 +228,53 @@ class NodeDecider:
         if ov.custom_names or ov.custom_types:
             spec = (ov.custom_names.get(name) if name is not None else None) or ov.custom_types.get(op)
         keep_where = None
-        if not self.must_keep and (ov.keep_names or ov.keep_types):
+        if not self.must_keep and spec is None and (ov.keep_names or ov.keep_types):
+            # customize_dtypes has priority: where both name the op, keep_dtype does not apply
             keep_where = (ov.keep_names.get(name) if name is not None else None) or ov.keep_types.get(op)
         if op == "Cast" and actual_in and outs and spec is None:
             # an existing Cast reads whatever its producer now gives (absorbing the cast that
             # would go before it) and keeps its target; the planner's pass 4 does the other side
-            why = f"Cast: reads its input as produced ({actual_in[0]}), writes {org}"
-            rule = Rule.EXISTING_CAST
+            why = Why(Rule.EXISTING_CAST)
             if keep_where is not None:
-                why += f"; keep_dtype ({keep_where})"
-                rule = Rule.KEEP_DTYPE
-            return _draft(org, rule, -1, why, "", actual_in, tuple(org if is_float(x) else x for x in outs), None, ())
+                why = Why(Rule.KEEP_DTYPE, where=keep_where, inner=why)
+            return _draft(org, why, -1, actual_in, tuple(org if is_float(x) else x for x in outs), None, ())
         follow_m = -1
-        tail = ""
-        warn: str | None
+        warn: str | None = None
         if info is None:
-            d, why, warn, rule = org, "unknown op type: not in the op-info library, keeps its origin dtype", None, \
-                Rule.UNKNOWN_OP
+            d, why = org, Why(Rule.UNKNOWN_OP)
         elif keep_where is not None:
-            d, why, warn, rule = org, f"keep_dtype ({keep_where})", None, Rule.KEEP_DTYPE
+            d, why = org, Why(Rule.KEEP_DTYPE, where=keep_where)
             if not info.supports(org):
                 problems.append(f"keep_dtype asks for {org} but the library has no {org} kernel "
                                 f"(supports: {info.describe_dtypes()})")
         else:
-            d, why, warn, rule, follow_m, tail = self._mode_rule(info, op, org, actual_in, voters)
-            if rule is Rule.NO_KERNEL:
+            d, why, warn, follow_m = self._mode_rule(info, op, org, actual_in, voters)
+            if why.rule is Rule.NO_KERNEL:
                 problems.append(warn or "no kernel")
-                why, warn = "no kernel for the requested precision", None
+                warn = None
         ck = (op, d, outs, actual_in)
         io = self._io.get(ck)
         if io is None:
             io = self._io[ck] = tensor_dtypes(info, d, outs, actual_in)
         want_in, new_out = io
         if spec is not None:
-            want_in, new_out, why = _apply_spec(spec, want_in, new_out, info, problems)
+            want_in, new_out = _apply_spec(spec, want_in, new_out, info, problems)
             d = next((x for x in new_out if is_float(x)), d)
-            rule, follow_m, tail = Rule.CUSTOMIZE_DTYPES, -1, ""
-        return _draft(d, rule, follow_m, why, tail, want_in, new_out, warn, tuple(problems))
+            why, follow_m = Why(Rule.CUSTOMIZE_DTYPES, where=spec.where), -1
+        return _draft(d, why, follow_m, want_in, new_out, warn, tuple(problems))
 
     def _mode_rule(
         self, info: OpInfo, op: str, org: str, actual_in: tuple[str, ...], voters: tuple[bool | str, ...]
-    ) -> tuple[str, str, str | None, Rule, int, str]:
-        """The mode's decision for an op the library knows: ``(dtype, reason head, warning, rule,
-        followed input or -1, reason tail)``. Gray ops of mixed modes follow their voters."""
+    ) -> tuple[str, Why, str | None, int]:
+        """The mode's decision for an op the library knows: ``(dtype, why, warning, followed input or -1)``.
+        Gray ops of mixed modes follow their voters; the followed producer is filled in per node."""
         is_float = dtypes.FLOAT_DTYPES.__contains__
         mode = self.mode
         flag = GRAY
-        flag_note = ""
+        where = ""
         if mode.mixed:
             if op in self.overrides.flags:
-                flag, flag_note = self.overrides.flags[op]
-                flag_note = f" ({flag_note})"
+                flag, where = self.overrides.flags[op]
             else:
                 flag = info.flag
         if mode.mixed and flag == GRAY:
@@ -292,30 +296,28 @@ class NodeDecider:
                     elif dtypes.rank(a) > dtypes.rank(follow):
                         follow, follow_m = a, m
             if follow is not None:
-                d, why, warn, rule = self._mode_decision(self._follow, info, GRAY, org, follow)
-                if rule is Rule.GRAY_FOLLOWS:
-                    if disagree:
-                        which = "lowest" if self.prefer_low else "widest"
-                        return d, f"gray: inputs disagree, follows the {which} (", warn, rule, follow_m, \
-                            f", {follow}){flag_note}"
-                    return d, "gray: follows ", warn, rule, follow_m, flag_note
-                if rule is Rule.NO_KERNEL:
-                    return d, why, warn, rule, -1, ""
-                return d, "gray: follows ", warn, Rule.GRAY_FOLLOWS, follow_m, f" ({follow}), but {why}"
-        d, why, warn, rule = self._mode_decision(self._fixed, info, flag, org, None)
-        if flag_note and rule is not Rule.NO_KERNEL:
-            why += flag_note
-        return d, why, warn, rule, -1, ""
+                d, why, warn = self._mode_decision(self._follow, info, GRAY, org, follow)
+                if why.rule is Rule.NO_KERNEL:
+                    return d, why, warn, -1
+                if why.rule is Rule.GRAY_FOLLOWS:
+                    detail = ("lowest" if self.prefer_low else "widest") if disagree else ""
+                    return d, Why(Rule.GRAY_FOLLOWS, detail=detail, where=where), warn, follow_m
+                # no kernel in the followed dtype: what the op runs in instead
+                return d, Why(Rule.GRAY_FOLLOWS, wanted=(follow,), inner=why, where=where), warn, follow_m
+        d, why, warn = self._mode_decision(self._fixed, info, flag, org, None)
+        if where and why.rule is not Rule.NO_KERNEL:
+            why = why._replace(where=where)
+        return d, why, warn, -1
 
 
 def _draft(
-    dtype: str, rule: Rule, follow_input: int, head: str, tail: str, inputs: tuple[str, ...],
-    outputs: tuple[str, ...], warning: str | None, problems: tuple[str, ...],
+    dtype: str, why: Why, follow_input: int, inputs: tuple[str, ...], outputs: tuple[str, ...],
+    warning: str | None, problems: tuple[str, ...],
 ) -> _Draft:
     choice = None
     if follow_input < 0 and not warning and not problems:
-        choice = NodeChoice(dtype, head, inputs, outputs, rule, None)
-    return _Draft(dtype, rule, follow_input, head, tail, inputs, outputs, warning, problems, choice)
+        choice = NodeChoice(dtype, why, inputs, outputs)
+    return _Draft(dtype, why, follow_input, inputs, outputs, warning, problems, choice)
 
 
 def _promotes(info: OpInfo, m: int, count: int, low: str) -> bool:
@@ -377,9 +379,8 @@ def tensor_dtypes(
 
 def _apply_spec(
     spec: DtypeSpec, want_in: tuple[str, ...], new_out: tuple[str, ...], info: OpInfo | None, problems: list[str]
-) -> tuple[tuple[str, ...], tuple[str, ...], str]:
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """customize_dtypes' input/output dtypes for a node; what cannot be honoured goes to ``problems``."""
-    why = f"customize_dtypes ({spec.where})"
     if spec.inputs is not None:
         if len(spec.inputs) != len(want_in):
             problems.append(f"customize_dtypes ({spec.where}) gives {len(spec.inputs)} input dtype(s), "
@@ -407,7 +408,7 @@ def _apply_spec(
                 problems.append(f"customize_dtypes ({spec.where}) asks for {s} but the library has no {s} "
                                 f"kernel (supports: {info.describe_dtypes()})")
                 break
-    return want_in, new_out, why
+    return want_in, new_out
 
 
 def problem_message(mode: str, library: Library, problems: Sequence[Problem]) -> str:

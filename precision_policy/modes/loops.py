@@ -25,6 +25,7 @@ from precision_policy.optypes import (
     MERGE_OPS,
     PASSTHROUGH_OPS,
 )
+from precision_policy.rules import Rule, Why
 
 F16 = dtypes.FLOAT16
 
@@ -147,20 +148,20 @@ def control_flow_dtype(
     dtype: Sequence[str | None],
     loops: Loops | None,
     prefer_low: bool,
-) -> tuple[str, str, str | None]:
-    """Dtype, reason and followed node of a control-flow frame op: it carries values, so it follows them."""
+) -> tuple[str, Why]:
+    """Dtype and why of a control-flow frame op: it carries values, so it follows them."""
     is_float = dtypes.is_float
     if op in BACK_EDGE_OPS and loops is not None and i in loops.merge_of:
         merge = loops.merge_of[i]
         d = dtype[merge] or org
-        return d, f"control flow: carries the loop variable back in {names[merge]}'s dtype ({d})", names[merge]
+        return d, Why(Rule.CONTROL_FLOW, followed=names[merge], detail="loop_back")
     if op in MERGE_OPS and loops is not None and i in loops.hints:
         d = loops.hints[i]
-        return d, f"control flow: loop variable in {d}, the dtype its loop body produces", None
+        return d, Why(Rule.CONTROL_FLOW, detail="loop_merge")
     forward = [(m, j) for m, (j, _) in enumerate(ins) if ops[j] not in BACK_EDGE_OPS and is_float(actual_in[m])]
     voting = [(m, j) for m, j in forward if src[j] is None or src[j] == "input"] or forward
     if not voting:
-        return org, "control flow: no float input; keeps its origin dtype", None
+        return org, Why(Rule.CONTROL_FLOW, detail="no_float_input")
     m0, j0 = voting[0]
     d = actual_in[m0]
     for m, j in voting[1:]:
@@ -168,7 +169,7 @@ def control_flow_dtype(
         if a != d and ((prefer_low and dtypes.rank(a) < dtypes.rank(d)) or
                        (not prefer_low and dtypes.rank(a) > dtypes.rank(d))):
             d, j0 = a, j
-    return d, f"control flow: follows {names[j0]}", names[j0]
+    return d, Why(Rule.CONTROL_FLOW, followed=names[j0])
 
 
 __all__ = ["Loops", "control_flow_dtype"]

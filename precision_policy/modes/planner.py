@@ -63,7 +63,7 @@ from precision_policy.optypes import (
     VALUE_PRESERVING_OPS,
 )
 from precision_policy.plan import Cast, CastPlan
-from precision_policy.rules import Rule
+from precision_policy.rules import Rule, Why
 
 if TYPE_CHECKING:
     from precision_policy.graph import Resolved
@@ -75,6 +75,8 @@ _is_float = dtypes.FLOAT_DTYPES.__contains__
 
 #: A cast's key: (producer index, output port, target dtype).
 CastKey = tuple[int, int, str]
+
+_NO_FLOAT_WHY = Why(Rule.NO_FLOAT_TENSORS)
 
 # a node's role, found in pass 1: how pass 2 decides it
 _COMPUTES, _SOURCE, _NO_FLOAT, _FRAME, _READS_SOURCE = range(5)
@@ -129,9 +131,7 @@ class _Planning:
         self.dtype: list[str | None] = [None] * n
         self.out_dt: list[tuple[str, ...]] = list(self.outs)
         self.in_dt: list[tuple[str, ...]] = [()] * n
-        self.reason: list[str] = [""] * n
-        self.rule: list[Rule] = [Rule.NO_FLOAT_TENSORS] * n
-        self.followed: list[str | None] = [None] * n
+        self.why: list[Why] = [_NO_FLOAT_WHY] * n  # why each node computes in its dtype (rule and facts)
         self.src: list[str | None] = [None] * n  # "input" | "const" | "variable" | None (computes)
         self.scalar_vars: set[int] = set()
         self.role: list[int] = [_COMPUTES] * n  # how pass 2 decides each node (pass 1 finds it)
@@ -224,7 +224,7 @@ class _Planning:
         """Decide each node from the dtypes its inputs now arrive in; record the casts its inputs need."""
         names, ops, outs, ins_of, role, src = self.names, self.ops, self.outs, self.res.data_inputs, self.role, self.src
         origin, dtype, in_dt, out_dt = self.origin, self.dtype, self.in_dt, self.out_dt
-        rules, reason, followed, casts = self.rule, self.reason, self.followed, self.casts
+        whys, casts = self.why, self.casts
         decide = self.decider.decide_node
         variables_vote, scalar_vars = self.variables_vote, self.scalar_vars
         for i in self.res.order:
@@ -239,10 +239,10 @@ class _Planning:
                                   else False) for j, _ in ins])
             org = origin[i]
             assert org is not None  # role _COMPUTES: the node has float tensors, so an origin
-            d, why, want_in, new_out, rule, fol = decide(names[i], ops[i], org, actual_in, voters, outs[i], ins, names)
-            if rule is Rule.EXISTING_CAST:
+            d, why, want_in, new_out = decide(names[i], ops[i], org, actual_in, voters, outs[i], ins, names)
+            if why.rule is Rule.EXISTING_CAST:
                 self.cast_nodes.append(i)
-            dtype[i], in_dt[i], out_dt[i], rules[i], reason[i], followed[i] = d, want_in, new_out, rule, why, fol
+            dtype[i], in_dt[i], out_dt[i], whys[i] = d, want_in, new_out, why
             if want_in != actual_in:
                 for m, (j, p) in enumerate(ins):
                     a, w = actual_in[m], want_in[m]
@@ -258,7 +258,7 @@ class _Planning:
         r = self.role[i]
         if r == _SOURCE:
             self.in_dt[i] = actual_in
-            self.rule[i], self.reason[i] = Rule.SOURCE, f"source ({self.src[i]})"
+            self.why[i] = Why(Rule.SOURCE, detail=self.src[i] or "")
             for d in self.outs[i]:
                 if _is_float(d):
                     self.origin[i] = self.dtype[i] = d
@@ -275,7 +275,7 @@ class _Planning:
             o = self.outs[i]
             if o and _is_float(o[0]):
                 self.out_dt[i] = (read,) + o[1:]
-            self.rule[i], self.reason[i] = Rule.READS_SOURCE, f"reads {self.src[j]} {self.names[j]}"
+            self.why[i] = Why(Rule.READS_SOURCE, followed=self.names[j], detail=self.src[j] or "")
 
     def decide_no_float(self, i: int, actual_in: tuple[str, ...]) -> None:
         self.in_dt[i] = actual_in
@@ -283,32 +283,26 @@ class _Planning:
         group_dtype = self.loops.tied_dtype(i) if tied and self.loops is not None else None
         if group_dtype is not None:  # creates the list (TensorListReserve): its element dtype
             self.origin[i], self.dtype[i] = group_dtype
-            self.rule[i] = Rule.HANDLE_TIED
-            self.reason[i] = f"list/array elements in {group_dtype[1]}, as the ops sharing its handle"
+            self.why[i] = Why(Rule.HANDLE_TIED, detail="created")
         else:
-            self.rule[i], self.reason[i] = Rule.NO_FLOAT_TENSORS, "no float tensors"
+            self.why[i] = _NO_FLOAT_WHY
 
     def decide_frame_op(self, i: int, actual_in: tuple[str, ...]) -> None:
         op, org, ins = self.ops[i], self.origin[i], self.res.data_inputs[i]
         assert org is not None
         tied = op.startswith(HANDLE_TYPED_PREFIXES)
         group_dtype = self.loops.tied_dtype(i) if tied and self.loops is not None else None
-        followed = None
         if group_dtype is not None:
-            d = group_dtype[1]
-            rule = Rule.HANDLE_TIED
-            why = f"list/array elements in {d}, as its readers and writers need (ops sharing its handle)"
+            d, why = group_dtype[1], Why(Rule.HANDLE_TIED, detail="readers")
         elif tied:
-            d, rule = org, Rule.HANDLE_TIED
-            why = "tied to a list/array handle: keeps its origin dtype, casts go around it"
+            d, why = org, Why(Rule.HANDLE_TIED, detail="around")
         else:
-            d, why, followed = control_flow_dtype(i, op, org, ins, actual_in, self.ops, self.names, self.src,
-                                                  self.dtype, self.loops, self.decider.prefer_low)
-            rule = Rule.CONTROL_FLOW
+            d, why = control_flow_dtype(i, op, org, ins, actual_in, self.ops, self.names, self.src,
+                                        self.dtype, self.loops, self.decider.prefer_low)
         self.dtype[i] = d
         self.in_dt[i] = tuple([d if _is_float(a) else a for a in actual_in])
         self.out_dt[i] = tuple([d if _is_float(x) else x for x in self.outs[i]])
-        self.rule[i], self.reason[i], self.followed[i] = rule, why, followed
+        self.why[i] = why
         for m, (j, p) in enumerate(ins):
             a, w = actual_in[m], self.in_dt[i][m]
             if a != w and _is_float(a) and self.ops[j] not in BACK_EDGE_OPS:
@@ -334,14 +328,14 @@ class _Planning:
         (:data:`~precision_policy.optypes.DATA_MOVEMENT_OPS`, ``VALUE_PRESERVING_OPS``) and
         reads of sources move: arithmetic keeps the precision its rule gave it.
         """
-        low, ops, rule, dtype = self.mode.low, self.ops, self.rule, self.dtype
+        low, ops, whys, dtype = self.mode.low, self.ops, self.why, self.dtype
         src, casts, out_dt, in_dt, res = self.src, self.casts, self.out_dt, self.in_dt, self.res
         cand = {
             i for i, d in enumerate(dtype)
             if d is not None and d != low and ops[i] != "Cast"
-            and ((rule[i] is Rule.GRAY_FOLLOWS and (ops[i] in DATA_MOVEMENT_OPS or ops[i] in VALUE_PRESERVING_OPS))
-                 or rule[i] is Rule.READS_SOURCE
-                 or (rule[i] is Rule.GRAY_UNFED and ops[i] in DATA_MOVEMENT_OPS))
+            and ((whys[i].rule is Rule.GRAY_FOLLOWS and (ops[i] in DATA_MOVEMENT_OPS or ops[i] in VALUE_PRESERVING_OPS))
+                 or whys[i].rule is Rule.READS_SOURCE
+                 or (whys[i].rule is Rule.GRAY_UNFED and ops[i] in DATA_MOVEMENT_OPS))
         }
         if not cand:
             return
@@ -414,11 +408,10 @@ class _Planning:
             in_dt[i] = new_in
             out_dt[i] = new_out
             moved += 1
-            if rule[i] is Rule.READS_SOURCE:  # still a read of its source, now in low: the rule stays
-                self.reason[i] += f"; in {low}, as every reader needs (the {src[i]} is cast before the read)"
+            if whys[i].rule is Rule.READS_SOURCE:  # still a read of its source, now in low: the rule stays
+                whys[i] = whys[i]._replace(wanted=(low,))
             else:
-                rule[i], self.followed[i] = Rule.GRAY_LOOKAHEAD, None
-                self.reason[i] = f"gray: runs in {low} because every reader needs {low} (the cast moves before it)"
+                whys[i] = Why(Rule.GRAY_LOOKAHEAD, where=whys[i].where)
         log.debug("%s: look-ahead moved %d of %d candidate op(s) to %s", self.graph.name, moved, len(cand), low)
 
     # ------------------------------------------------------------------ pass 4
@@ -445,13 +438,11 @@ class _Planning:
                 del casts[keys[0]]
                 out_dt[i] = (c.to,) + out_dt[i][1:]
                 dtype[i] = c.to
-                self.reason[i] = (f"Cast: reads its input as produced ({self.in_dt[i][0]}), writes {c.to} directly "
-                                  "(what all its consumers need)")
+                self.why[i] = Why(Rule.EXISTING_CAST, detail="absorbed")
         for i in self.cast_nodes:
             a, w = self.in_dt[i][0], out_dt[i][0]
             if _is_float(a) and a == w:
-                self.identity.add(i)
-                self.reason[i] += f"; now an identity ({a} -> {w}), removable"
+                self.identity.add(i)  # (the plan says so in its reason)
 
     # ------------------------------------------------------------------ pass 5
     def fetch_casts(self) -> None:
@@ -478,9 +469,7 @@ class _Planning:
             dtype=self.dtype,
             in_dtypes=self.in_dt,
             out_dtypes=self.out_dt,
-            reasons=self.reason,
-            rules=self.rule,
-            followed=self.followed,
+            whys=self.why,
             casts=list(self.casts.values()),
             identity=self.identity,
             unknown=self.decider.unknown,

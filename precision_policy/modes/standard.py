@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from precision_policy.modes.base import BF16, F16, F32, F64, Decision, NoKernel, PrecisionMode, choose
 from precision_policy.opinfo.library import BLACK, WHITE, OpInfo
-from precision_policy.rules import Rule
+from precision_policy.rules import Rule, Why
 
 
 def _keep_f64(info: OpInfo, origin: str) -> Decision:
-    return choose(info, (F64, F32), "float64 op: precision modes act on float32 and 16-bit ops", origin,
-                  Rule.FLOAT64)
+    return choose(info, (F64, F32), Why(Rule.FLOAT64), origin)
 
 
 class ForceFP32(PrecisionMode):
@@ -26,7 +25,7 @@ class ForceFP32(PrecisionMode):
     def decide(self, info: OpInfo, flag: str, origin: str, follow: str | None) -> Decision:
         if origin == F64:
             return _keep_f64(info, origin)
-        return choose(info, (F32, F16, BF16), "force_fp32", origin)
+        return choose(info, (F32, F16, BF16), Why(Rule.MODE, detail=self.name), origin)
 
 
 class MustKeepOriginDtype(PrecisionMode):
@@ -38,7 +37,7 @@ class MustKeepOriginDtype(PrecisionMode):
 
     def decide(self, info: OpInfo, flag: str, origin: str, follow: str | None) -> Decision:
         if info.supports(origin):
-            return Decision(origin, "must_keep_origin_dtype", None, Rule.MODE)
+            return Decision(origin, Why(Rule.MODE, detail=self.name))
         raise NoKernel(f"no {origin} kernel; the library supports {info.describe_dtypes()}")
 
 
@@ -52,9 +51,10 @@ class AllowFP32ToLow(PrecisionMode):
             return _keep_f64(info, origin)
         if origin == F32:
             if self.cube_to_low and info.heavy and info.supports(self.low):
-                return Decision(self.low, "cube op", None, Rule.MODE)
-            return choose(info, (F32, self.low), "keeps float32" + (" (vector op)" if self.cube_to_low else ""), origin)
-        return choose(info, (origin, F32, self.low), "keeps its origin dtype", origin)
+                return Decision(self.low, Why(Rule.MODE, detail="cube_op"))
+            return choose(info, (F32, self.low), Why(Rule.MODE, detail="vector_op" if self.cube_to_low else "keeps_float32"),
+                          origin)
+        return choose(info, (origin, F32, self.low), Why(Rule.MODE, detail="keeps_origin"), origin)
 
 
 class AllowFP32ToFP16(AllowFP32ToLow):
@@ -77,7 +77,7 @@ class ForceLow(PrecisionMode):
     def decide(self, info: OpInfo, flag: str, origin: str, follow: str | None) -> Decision:
         if origin == F64:
             return _keep_f64(info, origin)
-        return choose(info, (self.low, F32), self.name, origin)
+        return choose(info, (self.low, F32), Why(Rule.MODE, detail=self.name), origin)
 
 
 class ForceFP16(ForceLow):
@@ -108,33 +108,31 @@ class AllowMixPrecision(PrecisionMode):
     def _base(self, info: OpInfo, origin: str) -> Decision:
         if origin == F32:
             if self.low == F16 and info.heavy and info.supports(F16):
-                return Decision(F16, "cube op", None, Rule.MODE)
-            return choose(info, (F32, self.low), "keeps float32", origin)
-        return choose(info, (origin, F32, self.low), "keeps its origin dtype", origin)
+                return Decision(F16, Why(Rule.MODE, detail="cube_op"))
+            return choose(info, (F32, self.low), Why(Rule.MODE, detail="keeps_float32"), origin)
+        return choose(info, (origin, F32, self.low), Why(Rule.MODE, detail="keeps_origin"), origin)
 
     def decide(self, info: OpInfo, flag: str, origin: str, follow: str | None) -> Decision:
         if origin == F64:
             return _keep_f64(info, origin)
         low = self.low
         if flag == WHITE:
-            d, why, warn, _ = choose(info, (low, origin, F32), "white-list", origin, Rule.WHITE)
+            d, why, warn = choose(info, (low, origin, F32), Why(Rule.WHITE), origin)
             if d != low:
-                why = f"white-list, but {why}"
                 warn = warn or f"{info.op_type} is white-listed but the library has no {low} kernel; runs in {d}"
-            return Decision(d, why, warn, Rule.WHITE)
+                return Decision(d, Why(Rule.WHITE, inner=why), warn)
+            return Decision(d, why, warn)
         if flag == BLACK:
             if info.supports(origin):
-                return Decision(origin, "black-list", None, Rule.BLACK)
+                return Decision(origin, Why(Rule.BLACK))
             raise NoKernel(f"black-listed op has no {origin} kernel (supports: {info.describe_dtypes()})")
         if follow is not None:
             if info.supports(follow):
-                return Decision(follow, "gray: follows", None, Rule.GRAY_FOLLOWS)
-            d, why, _, rule = choose(info, (origin, F32, low), f"no {follow} kernel, keeps {origin}", origin)
-            if rule is Rule.MODE:  # its origin dtype, the first preference
-                return Decision(d, why, None, Rule.FALLBACK_KERNEL)
-            return Decision(d, f"no {follow} kernel; {why}", None, Rule.FALLBACK_KERNEL)
-        d, why, warn, _ = self._base(info, origin)
-        return Decision(d, f"gray, fed only by constants/variables: {why}", warn, Rule.GRAY_UNFED)
+                return Decision(follow, Why(Rule.GRAY_FOLLOWS))
+            d, why, _ = choose(info, (origin, F32, low), Why(Rule.MODE, detail="keeps_origin"), origin)
+            return Decision(d, Why(Rule.FALLBACK_KERNEL, wanted=(follow,), inner=why))
+        d, why, warn = self._base(info, origin)
+        return Decision(d, Why(Rule.GRAY_UNFED, inner=why), warn)
 
 
 class AllowMixPrecisionFP16(AllowMixPrecision):

@@ -36,7 +36,8 @@ from precision_policy.errors import ConfigError, OverrideError, PrecisionError
 from precision_policy.modes.decider import VARIABLE, NodeDecider
 from precision_policy.opinfo.library import Library
 from precision_policy.opinfo.overrides import ENV_PREFIX
-from precision_policy.rules import Rule
+from precision_policy.reasons import render
+from precision_policy.rules import Rule, Why
 
 _state = threading.local()
 
@@ -57,17 +58,24 @@ def _busy() -> bool:
 class _OpRecord:
     """One intercepted call, for tests and reports."""
 
-    __slots__ = ("label", "op_type", "dtype", "reason", "out_dtypes", "name", "rule")
+    __slots__ = ("label", "op_type", "dtype", "why", "out_dtypes", "name")
 
-    def __init__(self, label: str, op_type: str, dtype: str, reason: str, out_dtypes: tuple, name: str = "",
-                 rule: Rule | None = None) -> None:
+    def __init__(self, label: str, op_type: str, dtype: str, why: Why, out_dtypes: tuple, name: str = "") -> None:
         self.label = label
-        self.rule = rule  # the decider's Rule: what tests and tools read (the reason is for people)
+        self.why = why  # the decider's structured reason: what tests and tools read
         self.name = name or label  # the module path naming the op when by-name overrides are in force
         self.op_type = op_type
         self.dtype = dtype
-        self.reason = reason
         self.out_dtypes = out_dtypes
+
+    @property
+    def rule(self) -> Rule:
+        return self.why.rule
+
+    @property
+    def reason(self) -> str:
+        """The decision in words (for people)."""
+        return render(self.why, self.dtype)
 
     def __repr__(self) -> str:
         return f"{self.label}[{self.op_type}] {self.dtype} -> {self.out_dtypes}  ({self.reason})"
@@ -171,12 +179,12 @@ class PrecisionFunctionMode(TorchFunctionMode):
         hit = self._decisions.get(key)
         if hit is None:
             hit = self._decide(func, op, origin, in_dtypes, voters)
-        label, d, why, want, emulate, rule = hit
+        label, d, why, want, emulate = hit
         if want is not None:
             args, kwargs = self._cast_inputs(args, kwargs, found, want, in_dtypes)
         out = self._run(func, args, kwargs, emulate)
         if self.record is not None:
-            self.record.append(_OpRecord(label, op, d, why, _out_dtypes(out), label, rule))
+            self.record.append(_OpRecord(label, op, d, why, _out_dtypes(out), label))
         return out
 
     def _run(self, func: Any, args: Any, kwargs: dict, emulate: bool) -> Any:
@@ -201,7 +209,7 @@ class PrecisionFunctionMode(TorchFunctionMode):
         n_warnings = len(decider.warnings)
         choice = decider.decide_node(
             label, op, origin, names, tuple(voters), (origin,), producers=("its input",) * len(names))
-        d, why, want_in = choice.dtype, choice.reason, choice.inputs
+        d, why, want_in = choice.dtype, choice.why, choice.inputs
         if decider.problems:
             self.raise_problems()  # not cached: raised on every call, as the general path does
         key = (func, origin, tuple(in_dtypes), tuple(voters))
@@ -210,7 +218,7 @@ class PrecisionFunctionMode(TorchFunctionMode):
         emulate = d == "float16" and not self.native_fp16
         want = tuple("emulated" if emulate and w == "float16" else (self._torch_dtypes[w] if w != have else None)
                      for w, have in zip(want_in, names))
-        hit = (label, d, why, want if any(w is not None for w in want) else None, emulate, choice.rule)
+        hit = (label, d, why, want if any(w is not None for w in want) else None, emulate)
         if key not in self._noisy:
             try:
                 self._decisions[key] = hit
@@ -337,7 +345,7 @@ class PrecisionFunctionMode(TorchFunctionMode):
             args, kwargs = tree_unflatten(flat, spec)
         out = self._run(func, args, kwargs, emulate)
         if self.record is not None:
-            self.record.append(_OpRecord(label, op, d, choice.reason, _out_dtypes(out), name, choice.rule))
+            self.record.append(_OpRecord(label, op, d, choice.why, _out_dtypes(out), name))
         return out
 
 
@@ -601,7 +609,7 @@ class _FastPathForward:
         with torch._C.DisableTorchFunction(), torch.autocast(src.device.type, dtype=TO_TORCH[d], enabled=d != origin):
             out = forward(module, *args, **kwargs)
         if mode.record is not None:
-            mode.record.append(_OpRecord(self.label, self.op, d, choice.reason, _out_dtypes(out), name, choice.rule))
+            mode.record.append(_OpRecord(self.label, self.op, d, choice.why, _out_dtypes(out), name))
         return out
 
 
