@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # pinned: the CPU wheels (a looser spec pulls PyPI's CUDA torch, several GB), and the linters CI runs.
 PINS := 'torch==2.13.0' 'tensorflow-cpu==2.21.*' 'torchvision==0.28.0' 'ruff==0.17.6' 'mypy==2.4.1'
 
-.PHONY: demo test lint install clean bench
+.PHONY: demo test lint install clean bench report-deps
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,13 +29,22 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 
-test: lint
-	$(PY) -m pytest -q
+# two workers (tests/conftest.py: one intra-op thread each; a module's tests stay on one worker, heaviest first)
+test: lint report-deps
+	$(PY) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder
 
 bench: $(STAMP)
 	$(PY) benchmarks/plan_scaling.py
 	$(PY) benchmarks/torch_overhead.py
 	$(PY) benchmarks/tf_vs_grappler.py
+
+# The plan report's system tools, from Debian's packages: Graphviz's `dot` lays the graph out, headless
+# Chromium renders it in tests/test_report.py. apt-get runs only when one of them is missing (sudo unless root).
+APT_GET := $(shell [ "$$(id -u)" = 0 ] || echo sudo) apt-get
+report-deps:
+	@command -v dot >/dev/null && command -v chromium >/dev/null \
+	  || $(APT_GET) install -y graphviz chromium \
+	  || { $(APT_GET) update && $(APT_GET) install -y graphviz chromium; }
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -22,10 +22,12 @@ from precision_policy.errors import (
     PlanFormatError,
     PrecisionError,
     PrecisionPolicyError,
+    TuneError,
 )
 from precision_policy.graph import Node, OpGraph, load_graph
 from precision_policy.opinfo import Library, OpInfo, load_library
 from precision_policy.plan import CastPlan, NodeDecision, PlanDiff
+from precision_policy.tune import tune  # the function (the package imports no framework; backends load per model)
 
 try:  # the version lives in pyproject.toml only
     __version__ = _metadata.version("precision-policy")
@@ -49,9 +51,11 @@ __all__ = [
     "PrecisionError",
     "PrecisionPolicyError",
     "RunConfig",
+    "TuneError",
     "dtypes",
     "load_graph",
     "load_library",
     "modes",
     "plan",
+    "tune",
 ]

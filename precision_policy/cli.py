@@ -216,7 +216,7 @@ def _edit(args: argparse.Namespace, flag: str | None) -> int:
     from precision_policy.opinfo.edit import set_flag
 
     with _Collect(args.verbose, _WRITE_LOGGERS) as notes:
-        result = set_flag(args.op_info, args.op, flag)
+        result = set_flag(args.op_info, args.op, flag, add=getattr(args, "add", False))
     notes.print_to_stderr()
     names = {"true": "white (true)", "false": "black (false)", None: "gray (no flag)"}
     if args.json:
@@ -244,6 +244,20 @@ def cmd_set_flag(args: argparse.Namespace) -> int:
     return _edit(args, args.flag)
 
 
+def _byte_size(text: str) -> int:
+    """``1073741824``, ``512M``, ``4G``: a size in bytes for a command-line flag."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1:] if t[-1:] in units and t[-1:] else ""
+    try:
+        value = float(t[: len(t) - len(unit)]) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 1073741824, 512M, 4G)") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 1073741824, 512M, 4G)")
+    return int(value)
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     try:
         from precision_policy.backends.tensorflow import convert_model
@@ -253,7 +267,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     config = _config(args)
     with _Collect(args.verbose, _MODEL_LOGGERS + _WRITE_LOGGERS) as notes:  # the backend may log more than the result carries
-        result = convert_model(args.src, args.dst, config, tags=args.tags.split(",") if args.tags else None)
+        result = convert_model(args.src, args.dst, config, tags=args.tags.split(",") if args.tags else None,
+                               max_const_bytes=args.max_const_bytes)
     plan = result.plan
     warnings = list(result.warnings) + [m for m in notes.messages if m not in result.warnings]
     if args.json:
@@ -287,7 +302,39 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# ---------------------------------------------------------------------- parser
+def cmd_report(args: argparse.Namespace) -> int:
+    from precision_policy.report import write_report
+
+    with _Collect(args.verbose, _WRITE_LOGGERS) as notes:
+        result = write_report(args.plan, args.output, audit=args.audit, ranges=args.ranges, graph=args.graph,
+                              layout=args.layout)
+    notes.print_to_stderr()
+    if args.json:
+        _print_json(result.to_dict())
+        return EXIT_OK
+    drawn = f" drawn as {result.drawn} boxes ({result.clusters} collapsed clusters)" if result.clusters else ""
+    print(f"wrote {result.path}: {result.nodes} ops{drawn}, layout {result.engine} "
+          f"({result.layout_seconds:.1f} s), {result.bytes / 1e6:.1f} MB")
+    for note in result.notes:
+        print(f"note: {note}")
+    return EXIT_OK
+
+
+def _feed_shapes(items: Sequence[str]) -> dict[str, list[int]]:
+    from precision_policy.errors import ConfigError
+
+    shapes: dict[str, list[int]] = {}
+    for item in items:
+        name, eq, dims = item.partition("=")
+        try:
+            if not eq or not name:
+                raise ValueError
+            shapes[name.split(":")[0]] = [int(d) for d in dims.replace("x", ",").split(",") if d.strip()]
+        except ValueError:
+            raise ConfigError(f"--feed {item!r}: expected NAME=SHAPE, e.g. x=2,8") from None
+    return shapes
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="precision-policy",
@@ -347,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("op", metavar="OP", help="op type, e.g. Softmax")
         p.add_argument("--op-info", required=True, help="op-info JSON file (or folder) to edit in place")
+        if name == "pin":
+            p.add_argument("--add", action="store_true", help="add the op type when the library does not have it")
         add_json(p)
         p.set_defaults(func=func)
 
@@ -354,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("op", metavar="OP")
     p.add_argument("flag", choices=["true", "false"])
     p.add_argument("--op-info", required=True, help="op-info JSON file (or folder) to edit in place")
+    p.add_argument("--add", action="store_true", help="add the op type when the library does not have it")
     add_json(p)
     p.set_defaults(func=cmd_set_flag)
 
@@ -361,8 +411,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="input: .pb / .pbtxt GraphDef or SavedModel folder (TF1 or TF2, every signature)")
     p.add_argument("dst", help="output: .pb / .pbtxt, or a new SavedModel folder (from a SavedModel only)")
     p.add_argument("--tags", help="SavedModel meta graph tags, comma-separated (default: the first meta graph)")
+    p.add_argument("--max-const-bytes", type=_byte_size, default=None, metavar="SIZE",
+                   help="largest constant to materialise while converting, e.g. 4G (default 1G; splat constants "
+                        "are never materialised)")
     add_mode_args(p)
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("report", help="write a self-contained HTML report of a plan JSON (graph, reasons, op types, audit, ranges)")
+    p.add_argument("plan", help="plan JSON file (precision-policy plan ... -o PLAN.json)")
+    p.add_argument("-o", "--output", required=True, help="HTML file to write")
+    p.add_argument("--graph", help="the graph the plan was made from (plan JSON does not record edges; without it only "
+                                   "cast and followed-producer edges are drawn)")
+    p.add_argument("--audit", help="AUDIT.json: planned vs executed dtypes per op (precision_policy.report.schema)")
+    p.add_argument("--ranges", help="RANGES.json: value ranges per op (precision_policy.report.schema)")
+    p.add_argument("--layout", choices=["auto", "dot", "simple"], default="auto",
+                   help="auto (default): Graphviz dot if installed, else a built-in layout; dot: fail without Graphviz")
+    add_json(p)
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("schema", help="print the JSON Schema of the op-info format")
     p.set_defaults(func=cmd_schema)

@@ -26,7 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from precision_policy import modes
-from precision_policy.errors import ConfigError
+from precision_policy.errors import ConfigError, OverrideError
 from precision_policy.modes.base import PrecisionMode
 from precision_policy.opinfo.library import Library, load_library
 from precision_policy.opinfo.overrides import (
@@ -50,6 +50,32 @@ def unknown_setting_message(name: str) -> str:
     return f"unknown setting; {hint}valid settings: {', '.join(valid)}"
 
 
+def keep_entries_to_overrides(entries: tuple[str, ...]) -> tuple[dict[str, str], dict[str, str]]:
+    """(names, types) of a keep_dtype list, as :func:`load_keep_dtype` reads a file's lines.
+
+    Each entry's "where" is ``RunConfig.keep_dtype[i]``, so errors name the entry.
+
+    Example:
+        >>> keep_entries_to_overrides(("fc", "OpType::Relu"))
+        ({'fc': 'RunConfig.keep_dtype[0]'}, {'Relu': 'RunConfig.keep_dtype[1]'})
+    """
+    names: dict[str, str] = {}
+    types: dict[str, str] = {}
+    for i, line in enumerate(entries):
+        where = f"RunConfig.keep_dtype[{i}]"
+        if line.startswith("OpType::"):
+            op = line[len("OpType::"):].strip()
+            if not op:
+                raise OverrideError("'OpType::' needs an op type after it, e.g. OpType::Relu", file=where)
+            types[op] = where
+        elif "::" in line:
+            raise OverrideError(f"{line!r}: an entry is an op name or 'OpType::<type>'; the only prefix is 'OpType::'",
+                                file=where)
+        else:
+            names[line] = where
+    return names, types
+
+
 class RunConfig(BaseModel):
     """Precision settings for one model, validated on construction.
 
@@ -58,7 +84,9 @@ class RunConfig(BaseModel):
         precision_mode_v2: the CANN v2 spelling (``mixed_float16``, ``origin``, ...). Not with precision_mode.
         op_info: op-info library file, folder or shipped name (default ``ascend910``).
         modify_mixlist: JSON moving op types between black/white/gray lists (mixed modes only).
-        keep_dtype: text file of op names / ``OpType::X`` lines that keep their origin dtype.
+        keep_dtype: text file of op names / ``OpType::X`` lines that keep their origin dtype, or (in
+            Python) a list of such entries, ``["fc", "OpType::Softmax"]``; stored as a tuple. A name in
+            the list that matches no op is an error, as a line of a file is.
         customize_dtypes: text file of exact per-op dtypes.
         loss_scale: ``None``, ``"dynamic"``, a number, a preset name or a dict of parameters.
         keep_output_dtype: graph outputs keep their origin dtype (a cast is added when needed).
@@ -85,7 +113,7 @@ class RunConfig(BaseModel):
     precision_mode_v2: str | None = None
     op_info: str | Path = DEFAULT_OP_INFO
     modify_mixlist: Path | None = None
-    keep_dtype: Path | None = None
+    keep_dtype: Path | tuple[str, ...] | None = None
     customize_dtypes: Path | None = None
     loss_scale: bool | float | int | str | dict | None = None
     keep_output_dtype: bool = True
@@ -131,6 +159,20 @@ class RunConfig(BaseModel):
                              f"(the default is {DEFAULT_OP_INFO!r}; leave op_info out to use it)")
         resolve_library_path(value)  # a typo fails here, naming the shipped libraries
         return value
+
+    @field_validator("keep_dtype", mode="before")
+    @classmethod
+    def _keep_dtype(cls, value: Any) -> Any:
+        if value is None or isinstance(value, (str, Path)):
+            return value
+        if isinstance(value, (list, tuple, set, frozenset)):
+            entries = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+            for i, entry in enumerate(entries):
+                if not isinstance(entry, str) or not entry.strip():
+                    raise ValueError(f"entry {i} ({entry!r}) must be a non-empty op name or 'OpType::<type>'")
+            keep_entries_to_overrides(tuple(e.strip() for e in entries))  # a malformed entry fails here
+            return tuple(e.strip() for e in entries)
+        raise ValueError(f"must be a keep_dtype file path or a list of op names, not {type(value).__name__}")
 
     @field_validator("loss_scale")
     @classmethod
@@ -202,7 +244,9 @@ class RunConfig(BaseModel):
             changes, warnings = env_flag_changes(env, lib, ov.flags)
             ov.flags.update(changes)
             ov.warnings.extend(warnings)
-        if self.keep_dtype is not None:
+        if isinstance(self.keep_dtype, tuple):
+            ov.keep_names, ov.keep_types = keep_entries_to_overrides(self.keep_dtype)
+        elif self.keep_dtype is not None:
             ov.keep_names, ov.keep_types = load_keep_dtype(self.keep_dtype)
             for op in ov.keep_types:
                 if op not in lib:
@@ -216,7 +260,9 @@ class RunConfig(BaseModel):
         out: dict[str, Any] = {"precision_mode": self.mode.name, "op_info": str(self.op_info)}
         for key in ("modify_mixlist", "keep_dtype", "customize_dtypes"):
             value = getattr(self, key)
-            if value is not None:
+            if isinstance(value, tuple):
+                out[key] = list(value)
+            elif value is not None:
                 out[key] = str(value)
         if not self.keep_output_dtype:
             out["keep_output_dtype"] = False

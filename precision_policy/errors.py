@@ -125,6 +125,20 @@ class PrecisionError(PrecisionPolicyError):
         super().__init__(message)
 
 
+class TuneError(PrecisionPolicyError):
+    """Accuracy-aware tuning found no model within the tolerance (or was given bad input).
+
+    ``best_trial`` is the trial with the best metric when trials ran (None otherwise), and
+    ``result`` the :class:`~precision_policy.tune.TuneResult` of the search so far (its
+    ``save()`` writes ``trials.json``, so a later ``tune(..., resume=...)`` can go on).
+    """
+
+    def __init__(self, message: str, *, best_trial: object = None, result: object = None) -> None:
+        self.best_trial = best_trial
+        self.result = result
+        super().__init__(message)
+
+
 __all__ = [
     "ConfigError",
     "DTypeError",
@@ -134,5 +148,6 @@ __all__ = [
     "PlanFormatError",
     "PrecisionError",
     "PrecisionPolicyError",
+    "TuneError",
     "WriteError",
 ]

@@ -1,5 +1,8 @@
-"""End-to-end tests of the ``precision-policy`` command, run as real subprocesses.
+"""End-to-end tests of the ``precision-policy`` command.
 
+Every command runs at least once as a real subprocess (``cli``, the console script, the crash scripts); the
+tests whose point is a command's output, exit code or files call its ``main`` in this process (``cli_main``),
+where a subprocess would add only its start-up (a second of TensorFlow import for ``convert``).
 Every test works on copies in ``tmp_path``; the repository's shipped files are never edited.
 """
 
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import json_entry_span
+from conftest import Cli, cli_in_process, json_entry_span
 
 REPO = Path(__file__).resolve().parent.parent
 CONV = REPO / "examples" / "graphs" / "conv2d_bias_relu.json"
@@ -94,8 +97,8 @@ def write_graph(path: Path, nodes: list[dict], outputs: list[str]) -> Path:
 
 
 # ---------------------------------------------------------------------- modes / help / console script
-def test_help_exits_0():
-    proc = ok(cli("--help"))
+def test_help_exits_0(cli_main: Cli):
+    proc = ok(cli_main("--help"))
     for command in ("modes", "validate", "plan", "explain", "pin", "unpin", "set-flag", "schema"):
         assert command in proc.stdout
 
@@ -111,8 +114,8 @@ def test_console_script_is_installed_and_runs():
     assert {m["name"] for m in json.loads(ok(proc).stdout)["modes"]} == set(DESIGN_MODES)
 
 
-def test_modes_text_lists_every_mode_and_alias():
-    out = ok(cli("modes")).stdout
+def test_modes_text_lists_every_mode_and_alias(cli_main: Cli):
+    out = ok(cli_main("modes")).stdout
     rows = {line.split()[0]: line for line in out.splitlines() if line.strip()}
     for mode, aliases in DESIGN_MODES.items():
         assert mode in rows, f"{mode} missing from:\n{out}"
@@ -135,14 +138,14 @@ def test_modes_json_lists_every_mode_and_alias():
 
 
 # ---------------------------------------------------------------------- validate
-def test_validate_shipped_name_folder_and_file(lib_copy: Path):
-    by_name = ok(cli("validate", "ascend910")).stdout
+def test_validate_shipped_name_folder_and_file(lib_copy: Path, cli_main: Cli):
+    by_name = ok(cli_main("validate", "ascend910")).stdout
     assert by_name.startswith("OK: ascend910:") and "op types in 1 file(s)" in by_name
-    ok(cli("validate", REPO / "opinfo_db" / "ascend910"))
-    ok(cli("validate", "opinfo_db/ascend910b"))
-    out = ok(cli("validate", lib_copy)).stdout
+    ok(cli_main("validate", REPO / "opinfo_db" / "ascend910"))
+    ok(cli_main("validate", "opinfo_db/ascend910b"))
+    out = ok(cli_main("validate", lib_copy)).stdout
     assert out.startswith("OK: ")
-    doc = json.loads(ok(cli("validate", lib_copy.parent, "--json")).stdout)
+    doc = json.loads(ok(cli_main("validate", lib_copy.parent, "--json")).stdout)
     assert doc["valid"] is True and doc["files"] == [str(lib_copy)]
     assert doc["ops"] >= 150 and doc["white"] + doc["black"] + doc["gray"] == doc["ops"]
     assert doc["ops_with_float_kernel"].get("bfloat16", 0) == 0  # ascend910 has no bf16 kernels
@@ -153,7 +156,7 @@ def test_validate_missing_library_is_usage_error(tmp_path: Path):
     assert "nope.json" in err and "Shipped libraries" in err
 
 
-def test_validate_malformed_json_names_file_line_and_column(tmp_path: Path):
+def test_validate_malformed_json_names_file_line_and_column(tmp_path: Path, cli_main: Cli):
     bad = tmp_path / "aic-bad-ops-info.json"
     text = '{\n    "Relu": {\n        "op": {"pattern": "x"},,\n        "opFile": {"value": "relu"}\n    }\n}\n'
     bad.write_text(text)
@@ -161,23 +164,23 @@ def test_validate_malformed_json_names_file_line_and_column(tmp_path: Path):
         json.loads(text)
     line, col = exc.value.lineno, exc.value.colno
     assert line == 3
-    err = fails(cli("validate", bad), 2)
+    err = fails(cli_main("validate", bad), 2)
     assert f"{bad}:{line}:{col}" in err, err
     assert "malformed JSON" in err
 
 
-def test_validate_wrong_flag_names_file_op_and_field(lib_copy: Path):
+def test_validate_wrong_flag_names_file_op_and_field(lib_copy: Path, cli_main: Cli):
     data = json.loads(lib_copy.read_text())
     data["Relu"]["precision_reduce"] = {"flag": "yes"}
     lib_copy.write_text(json.dumps(data, indent=4))
-    err = fails(cli("validate", lib_copy), 2)
+    err = fails(cli_main("validate", lib_copy), 2)
     assert str(lib_copy) in err and "'Relu'" in err and "precision_reduce" in err and "'yes'" in err, err
 
 
-def test_validate_unknown_dtype_lists_valid_choices(tmp_path: Path):
+def test_validate_unknown_dtype_lists_valid_choices(tmp_path: Path, cli_main: Cli):
     bad = tmp_path / "ops.json"
     bad.write_text(json.dumps({"Relu": {"input0": {"name": "x", "dtype": "float16,flaot"}}}))
-    err = fails(cli("validate", bad), 2)
+    err = fails(cli_main("validate", bad), 2)
     assert "'Relu'" in err and "input0" in err and "flaot" in err and "float32" in err and "bfloat16" in err, err
 
 
@@ -195,16 +198,16 @@ def test_plan_prints_summary_table_and_casts():
     assert "unknown op types" not in out
 
 
-def test_plan_mode_v2_alias_gives_the_same_plan():
-    a = ok(cli("plan", CONV, "--mode", "allow_mix_precision", "--json")).stdout
-    b = ok(cli("plan", CONV, "--mode-v2", "mixed_float16", "--json")).stdout
-    c = ok(cli("plan", CONV, "--mode", "allow_mix_precision_fp16", "--json")).stdout
+def test_plan_mode_v2_alias_gives_the_same_plan(cli_main: Cli):
+    a = ok(cli_main("plan", CONV, "--mode", "allow_mix_precision", "--json")).stdout
+    b = ok(cli_main("plan", CONV, "--mode-v2", "mixed_float16", "--json")).stdout
+    c = ok(cli_main("plan", CONV, "--mode", "allow_mix_precision_fp16", "--json")).stdout
     assert json.loads(a)["nodes"] == json.loads(b)["nodes"] == json.loads(c)["nodes"]
 
 
-def test_plan_json_nodes_casts_and_output_file(tmp_path: Path):
+def test_plan_json_nodes_casts_and_output_file(tmp_path: Path, cli_main: Cli):
     out_file = tmp_path / "plan.json"
-    proc = ok(cli("plan", CONV, "--mode", "allow_mix_precision", "--json", "-o", out_file))
+    proc = ok(cli_main("plan", CONV, "--mode", "allow_mix_precision", "--json", "-o", out_file))
     doc = json.loads(proc.stdout)
     graph = json.loads(CONV.read_text())
     assert set(doc["nodes"]) == {n["name"] for n in graph["nodes"]}
@@ -219,7 +222,7 @@ def test_plan_json_nodes_casts_and_output_file(tmp_path: Path):
     assert out_file.read_text() == proc.stdout
     # -o without --json writes the same document and prints the human form
     out2 = tmp_path / "plan2.json"
-    proc2 = ok(cli("plan", CONV, "--mode", "allow_mix_precision", "-o", out2))
+    proc2 = ok(cli_main("plan", CONV, "--mode", "allow_mix_precision", "-o", out2))
     assert proc2.stdout.startswith(SUMMARY) and str(out2) in proc2.stdout
     assert out2.read_bytes() == out_file.read_bytes()
 
@@ -230,16 +233,16 @@ def test_plan_json_is_byte_identical_across_runs():
     assert a.stdout == b.stdout and a.stdout.endswith(b"\n")
 
 
-def test_plan_lists_unknown_op_types(tmp_path: Path):
+def test_plan_lists_unknown_op_types(tmp_path: Path, cli_main: Cli):
     g = write_graph(tmp_path / "custom.json", [
         {"name": "x", "op": "Placeholder", "outputs": ["float32"]},
         {"name": "conv", "op": "Conv2D", "inputs": ["x:0", "x:0"], "outputs": ["float32"]},
         {"name": "mine", "op": "MyCustomOp", "inputs": ["conv:0"], "outputs": ["float32"]},
         {"name": "mine2", "op": "MyCustomOp", "inputs": ["mine:0"], "outputs": ["float32"]},
     ], ["mine2:0"])
-    out = ok(cli("plan", g, "--mode", "allow_mix_precision")).stdout
+    out = ok(cli_main("plan", g, "--mode", "allow_mix_precision")).stdout
     assert "unknown op types" in out and "MyCustomOp: 2 node(s), e.g. mine" in out
-    doc = json.loads(ok(cli("plan", g, "--mode", "allow_mix_precision", "--json")).stdout)
+    doc = json.loads(ok(cli_main("plan", g, "--mode", "allow_mix_precision", "--json")).stdout)
     assert doc["unknown_ops"] == {"MyCustomOp": ["mine", "mine2"]}
     assert doc["nodes"]["mine"]["dtype"] == "float32" and doc["nodes"]["mine"]["rule"] == "unknown_op"
     # the unknown op keeps float32, so the float16 conv output is cast back for it
@@ -252,44 +255,44 @@ def test_plan_must_keep_origin_dtype_is_precision_error():
     fails(cli("plan", CONV, "--mode-v2", "origin"), 1)
 
 
-def test_unknown_mode_lists_valid_modes_and_closest():
-    err = fails(cli("plan", CONV, "--mode", "allow_mix_precison"), 2)
+def test_unknown_mode_lists_valid_modes_and_closest(cli_main: Cli):
+    err = fails(cli_main("plan", CONV, "--mode", "allow_mix_precison"), 2)
     assert "'allow_mix_precison'" in err and "Did you mean 'allow_mix_precision'" in err, err
     for mode in DESIGN_MODES:
         assert mode in err
-    err = fails(cli("plan", CONV, "--mode-v2", "mixed_flaot16"), 2)
+    err = fails(cli_main("plan", CONV, "--mode-v2", "mixed_flaot16"), 2)
     assert "mixed_float16" in err
 
 
-def test_mode_and_mode_v2_together_is_usage_error():
-    err = fails(cli("plan", CONV, "--mode", "allow_mix_precision", "--mode-v2", "mixed_float16"), 2)
+def test_mode_and_mode_v2_together_is_usage_error(cli_main: Cli):
+    err = fails(cli_main("plan", CONV, "--mode", "allow_mix_precision", "--mode-v2", "mixed_float16"), 2)
     assert "--mode" in err and "--mode-v2" in err
 
 
-def test_missing_graph_file_is_usage_error(tmp_path: Path):
+def test_missing_graph_file_is_usage_error(tmp_path: Path, cli_main: Cli):
     missing = tmp_path / "no_such_graph.json"
-    err = fails(cli("plan", missing, "--mode", "allow_mix_precision"), 2)
+    err = fails(cli_main("plan", missing, "--mode", "allow_mix_precision"), 2)
     assert str(missing) in err and "not found" in err
 
 
-def test_graph_with_dangling_input_is_usage_error(tmp_path: Path):
+def test_graph_with_dangling_input_is_usage_error(tmp_path: Path, cli_main: Cli):
     g = write_graph(tmp_path / "dangling.json", [
         {"name": "x", "op": "Placeholder", "outputs": ["float32"]},
         {"name": "relu", "op": "Relu", "inputs": ["ghost:0"], "outputs": ["float32"]},
     ], ["relu:0"])
-    err = fails(cli("plan", g), 2)
+    err = fails(cli_main("plan", g), 2)
     assert "relu" in err and "ghost:0" in err and str(g) in err, err
 
 
-def test_malformed_graph_json_names_line_and_column(tmp_path: Path):
+def test_malformed_graph_json_names_line_and_column(tmp_path: Path, cli_main: Cli):
     g = tmp_path / "broken.json"
     g.write_text('{"nodes": [\n  {"name": "x" "op": "Placeholder"}\n]}\n')
-    err = fails(cli("plan", g), 2)
+    err = fails(cli_main("plan", g), 2)
     assert f"{g}:2:" in err, err
 
 
-def test_unknown_op_info_library_is_usage_error():
-    err = fails(cli("plan", CONV, "--op-info", "ascend91"), 2)
+def test_unknown_op_info_library_is_usage_error(cli_main: Cli):
+    err = fails(cli_main("plan", CONV, "--op-info", "ascend91"), 2)
     assert "ascend910" in err
 
 
@@ -309,8 +312,8 @@ def test_explain_prints_both_nodes_with_reasons():
     assert "gray: follows myConv" in bias_part and "float16" in bias_part
 
 
-def test_explain_json():
-    doc = json.loads(ok(cli("explain", CONV, "myConv", "BiasAdd", "--mode", "allow_mix_precision", "--json")).stdout)
+def test_explain_json(cli_main: Cli):
+    doc = json.loads(ok(cli_main("explain", CONV, "myConv", "BiasAdd", "--mode", "allow_mix_precision", "--json")).stdout)
     assert doc["summary"] == SUMMARY
     assert set(doc["nodes"]) == {"myConv", "BiasAdd"} == set(doc["explain"])
     assert doc["nodes"]["myConv"]["rule"] == "white" and doc["nodes"]["myConv"]["dtype"] == "float16"
@@ -318,26 +321,26 @@ def test_explain_json():
     assert "myConv (Conv2D)" in doc["explain"]["myConv"]
 
 
-def test_explain_unknown_node_is_usage_error():
-    err = fails(cli("explain", CONV, "myConvv", "--mode", "allow_mix_precision"), 2)
+def test_explain_unknown_node_is_usage_error(cli_main: Cli):
+    err = fails(cli_main("explain", CONV, "myConvv", "--mode", "allow_mix_precision"), 2)
     assert "myConvv" in err and "myConv" in err
 
 
 # ---------------------------------------------------------------------- the pin -> plan round trip
-def _plan_json(graph: Path, lib: Path, mode: str = "allow_mix_precision") -> dict:
-    return json.loads(ok(cli("plan", graph, "--mode", mode, "--op-info", lib, "--json")).stdout)
+def _plan_json(run: Cli, graph: Path, lib: Path, mode: str = "allow_mix_precision") -> dict:
+    return json.loads(ok(run("plan", graph, "--mode", mode, "--op-info", lib, "--json")).stdout)
 
 
-def test_pin_plan_unpin_round_trip(lib_copy: Path):
+def test_pin_plan_unpin_round_trip(lib_copy: Path, cli_main: Cli):
     original = lib_copy.read_bytes()
     original_text = original.decode("utf-8")
     assert "precision_reduce" not in json.loads(original_text)["BiasAdd"], "BiasAdd must start gray for this test"
 
-    before = _plan_json(CONV, lib_copy)
+    before = _plan_json(cli_main, CONV, lib_copy)
     assert before["nodes"]["BiasAdd"]["dtype"] == "float16"
     assert (before["nodes"]["BiasAdd"]["rule"], before["nodes"]["BiasAdd"]["followed"]) == ("gray_follows", "myConv")
 
-    proc = ok(cli("pin", "BiasAdd", "--op-info", lib_copy))
+    proc = ok(cli_main("pin", "BiasAdd", "--op-info", lib_copy))
     assert "BiasAdd" in proc.stdout and "black" in proc.stdout
     edited_text = lib_copy.read_text(encoding="utf-8")
 
@@ -355,7 +358,7 @@ def test_pin_plan_unpin_round_trip(lib_copy: Path):
     del b["BiasAdd"]["precision_reduce"]
     assert a == b
 
-    after = _plan_json(CONV, lib_copy)
+    after = _plan_json(cli_main, CONV, lib_copy)
     assert after["nodes"]["myConv"]["dtype"] == "float16"
     assert after["nodes"]["BiasAdd"]["dtype"] == "float32"
     assert after["nodes"]["BiasAdd"]["rule"] == "black"
@@ -363,28 +366,28 @@ def test_pin_plan_unpin_round_trip(lib_copy: Path):
     assert (after["nodes"]["myOutput"]["rule"], after["nodes"]["myOutput"]["followed"]) == ("gray_follows", "BiasAdd")
     assert ("myConv:0", "float32") in {(c["tensor"], c["to"]) for c in after["casts"]}
     assert not any(c["tensor"] == "myOutput:0" for c in after["casts"])  # already float32
-    summary = ok(cli("plan", CONV, "--mode", "allow_mix_precision", "--op-info", lib_copy)).stdout.splitlines()[0]
+    summary = ok(cli_main("plan", CONV, "--mode", "allow_mix_precision", "--op-info", lib_copy)).stdout.splitlines()[0]
     assert summary.startswith("Converted 2/8 nodes to float16 precision")  # the Reshape feeding myConv, and myConv
 
     # pinning again changes nothing
-    proc = ok(cli("pin", "BiasAdd", "--op-info", lib_copy, "--json"))
+    proc = ok(cli_main("pin", "BiasAdd", "--op-info", lib_copy, "--json"))
     assert json.loads(proc.stdout)["changed"] is False
     assert lib_copy.read_text(encoding="utf-8") == edited_text
 
     # unpin restores every byte
-    proc = ok(cli("unpin", "BiasAdd", "--op-info", lib_copy, "--json"))
+    proc = ok(cli_main("unpin", "BiasAdd", "--op-info", lib_copy, "--json"))
     res = json.loads(proc.stdout)
     assert res["old_flag"] == "false" and res["new_flag"] is None and res["changed"] is True
     assert lib_copy.read_bytes() == original
-    assert _plan_json(CONV, lib_copy)["nodes"] == before["nodes"]
+    assert _plan_json(cli_main, CONV, lib_copy)["nodes"] == before["nodes"]
 
 
-def test_set_flag_existing_and_new_op(lib_copy: Path, tmp_path: Path):
+def test_set_flag_existing_and_new_op(lib_copy: Path, tmp_path: Path, cli_main: Cli):
     original_text = lib_copy.read_text(encoding="utf-8")
     a = json.loads(original_text)
     assert "precision_reduce" not in a["Relu"] and "MyCustomOp" not in a
 
-    res = json.loads(ok(cli("set-flag", "Relu", "true", "--op-info", lib_copy, "--json")).stdout)
+    res = json.loads(ok(cli_main("set-flag", "Relu", "true", "--op-info", lib_copy, "--json")).stdout)
     assert res == {"file": str(lib_copy), "op": "Relu", "old_flag": None, "new_flag": "true", "changed": True, "created_op": False}
     text = lib_copy.read_text(encoding="utf-8")
     s0, e0 = json_entry_span(original_text, "Relu")
@@ -393,22 +396,25 @@ def test_set_flag_existing_and_new_op(lib_copy: Path, tmp_path: Path):
     b = json.loads(text)
     assert b["Relu"]["precision_reduce"] == {"flag": "true"}
     # Relu white after a gray BiasAdd pinned black: runs float16 because of its own flag
-    ok(cli("pin", "BiasAdd", "--op-info", lib_copy))
-    plan = _plan_json(CONV, lib_copy)
+    ok(cli_main("pin", "BiasAdd", "--op-info", lib_copy))
+    plan = _plan_json(cli_main, CONV, lib_copy)
     assert plan["nodes"]["myOutput"]["dtype"] == "float16" and plan["nodes"]["myOutput"]["rule"] == "white"
 
     # flipping an existing flag edits just the value
-    ok(cli("set-flag", "Relu", "false", "--op-info", lib_copy))
+    ok(cli_main("set-flag", "Relu", "false", "--op-info", lib_copy))
     assert json.loads(lib_copy.read_text())["Relu"]["precision_reduce"] == {"flag": "false"}
 
-    # an op not in the file is added, with just the flag, at its sorted place
+    # an op not in the file is an error naming the closest op types, and needs --add to be created
+    r = cli_main("set-flag", "relu", "true", "--op-info", lib_copy)
+    assert r.returncode == 2 and "did you mean 'Relu'" in r.stderr and "--add" in r.stderr
+    # with --add it is added, with just the flag, at its sorted place
     g = write_graph(tmp_path / "custom.json", [
         {"name": "x", "op": "Placeholder", "outputs": ["float32"]},
         {"name": "mine", "op": "MyCustomOp", "inputs": ["x:0"], "outputs": ["float32"]},
     ], ["mine:0"])
-    assert _plan_json(g, lib_copy)["unknown_ops"] == {"MyCustomOp": ["mine"]}
+    assert _plan_json(cli_main, g, lib_copy)["unknown_ops"] == {"MyCustomOp": ["mine"]}
     before_add = lib_copy.read_text(encoding="utf-8")
-    res = json.loads(ok(cli("set-flag", "MyCustomOp", "true", "--op-info", lib_copy, "--json")).stdout)
+    res = json.loads(ok(cli_main("set-flag", "MyCustomOp", "true", "--add", "--op-info", lib_copy, "--json")).stdout)
     assert res["created_op"] is True and res["new_flag"] == "true"
     c = json.loads(lib_copy.read_text(encoding="utf-8"))
     assert c["MyCustomOp"] == {"precision_reduce": {"flag": "true"}}
@@ -416,20 +422,20 @@ def test_set_flag_existing_and_new_op(lib_copy: Path, tmp_path: Path):
     if before_keys == sorted(before_keys):
         assert list(c) == sorted(c)
     assert {k: v for k, v in c.items() if k != "MyCustomOp"} == json.loads(before_add)
-    ok(cli("validate", lib_copy))
-    plan = _plan_json(g, lib_copy)
+    ok(cli_main("validate", lib_copy))
+    plan = _plan_json(cli_main, g, lib_copy)
     assert plan["unknown_ops"] == {}
     assert plan["nodes"]["mine"]["rule"] == "white" and plan["nodes"]["mine"]["dtype"] == "float16"
 
 
-def test_unpin_op_not_in_file_is_usage_error(lib_copy: Path):
+def test_unpin_op_not_in_file_is_usage_error(lib_copy: Path, cli_main: Cli):
     before = lib_copy.read_bytes()
-    err = fails(cli("unpin", "MyCustomOp", "--op-info", lib_copy), 2)
+    err = fails(cli_main("unpin", "MyCustomOp", "--op-info", lib_copy), 2)
     assert "MyCustomOp" in err
     assert lib_copy.read_bytes() == before
 
 
-def test_pin_refuses_file_that_does_not_parse(tmp_path: Path):
+def test_pin_refuses_file_that_does_not_parse(tmp_path: Path, cli_main: Cli):
     bad = tmp_path / "ops.json"
     text = SHIPPED_910.read_text(encoding="utf-8")
     cut = text.index('"BiasAdd": {') + len('"BiasAdd": {')
@@ -438,29 +444,29 @@ def test_pin_refuses_file_that_does_not_parse(tmp_path: Path):
         json.loads(broken)
     bad.write_text(broken, encoding="utf-8")
     before = bad.read_bytes()
-    err = fails(cli("pin", "BiasAdd", "--op-info", bad), 2)
+    err = fails(cli_main("pin", "BiasAdd", "--op-info", bad), 2)
     assert f"{bad}:{exc.value.lineno}:{exc.value.colno}" in err and "malformed JSON" in err, err
-    fails(cli("unpin", "BiasAdd", "--op-info", bad), 2)
-    fails(cli("set-flag", "Relu", "true", "--op-info", bad), 2)
+    fails(cli_main("unpin", "BiasAdd", "--op-info", bad), 2)
+    fails(cli_main("set-flag", "Relu", "true", "--op-info", bad), 2)
     assert bad.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ops.json"]  # no temp files left behind
 
 
-def test_pin_refuses_file_whose_top_level_is_not_an_object(tmp_path: Path):
+def test_pin_refuses_file_whose_top_level_is_not_an_object(tmp_path: Path, cli_main: Cli):
     bad = tmp_path / "ops.json"
     bad.write_text('[{"BiasAdd": {}}]\n')
     before = bad.read_bytes()
-    fails(cli("pin", "BiasAdd", "--op-info", bad), 2)
+    fails(cli_main("pin", "BiasAdd", "--op-info", bad), 2)
     assert bad.read_bytes() == before
 
 
-def test_pin_read_only_file(lib_copy: Path):
+def test_pin_read_only_file(lib_copy: Path, cli_main: Cli):
     lib_copy.chmod(0o444)
     try:
         if os.access(lib_copy, os.W_OK):
             pytest.skip("running as a user (root) for whom a 0444 file is still writable")
         before = lib_copy.read_bytes()
-        err = fails(cli("pin", "BiasAdd", "--op-info", lib_copy), 2)
+        err = fails(cli_main("pin", "BiasAdd", "--op-info", lib_copy), 2)
         assert "chmod u+w" in err and str(lib_copy) in err
         assert lib_copy.read_bytes() == before
     finally:
@@ -484,13 +490,13 @@ def test_pin_read_only_file_message_when_access_is_denied(lib_copy: Path):
     assert lib_copy.read_bytes() == before
 
 
-def test_pin_keeps_file_mode(lib_copy: Path):
+def test_pin_keeps_file_mode(lib_copy: Path, cli_main: Cli):
     lib_copy.chmod(0o640)
-    ok(cli("pin", "BiasAdd", "--op-info", lib_copy))
+    ok(cli_main("pin", "BiasAdd", "--op-info", lib_copy))
     assert stat.S_IMODE(lib_copy.stat().st_mode) == 0o640
 
 
-def test_crash_mid_write_leaves_old_file_intact(lib_copy: Path):
+def test_crash_mid_write_leaves_old_file_intact(lib_copy: Path, cli_main: Cli):
     """The process dies after the temp file is written and before the rename: the old file survives."""
     script = (
         "import os, sys\n"
@@ -504,7 +510,7 @@ def test_crash_mid_write_leaves_old_file_intact(lib_copy: Path):
     assert proc.returncode == 9, proc.stderr
     assert lib_copy.read_bytes() == before
     assert "precision_reduce" not in json.loads(lib_copy.read_text(encoding="utf-8"))["BiasAdd"]
-    ok(cli("validate", lib_copy))
+    ok(cli_main("validate", lib_copy))
     # the crash really happened mid-edit: the abandoned temp file holds the new text (and the lock file stays)
     leftovers = sorted(p.name for p in lib_copy.parent.iterdir() if p.name != lib_copy.name)
     temps = [n for n in leftovers if n.endswith(".pp-tmp")]
@@ -513,14 +519,14 @@ def test_crash_mid_write_leaves_old_file_intact(lib_copy: Path):
     temp = lib_copy.parent / temps[0]
     assert json.loads(temp.read_text(encoding="utf-8"))["BiasAdd"]["precision_reduce"] == {"flag": "false"}
     # and the CLI still edits the intact file afterwards, removing what the crash left behind
-    ok(cli("pin", "BiasAdd", "--op-info", lib_copy))
+    ok(cli_main("pin", "BiasAdd", "--op-info", lib_copy))
     assert json.loads(lib_copy.read_text())["BiasAdd"]["precision_reduce"] == {"flag": "false"}
     assert sorted(p.name for p in lib_copy.parent.iterdir()) == [lib_copy.name]
 
 
-def test_plan_output_into_missing_folder_is_usage_error(tmp_path: Path):
+def test_plan_output_into_missing_folder_is_usage_error(tmp_path: Path, cli_main: Cli):
     target = tmp_path / "no_such_dir" / "plan.json"
-    err = fails(cli("plan", CONV, "-o", target), 2)
+    err = fails(cli_main("plan", CONV, "-o", target), 2)
     assert str(target.parent) in err
 
 
@@ -563,10 +569,10 @@ def test_schema_validates_shipped_file_and_catches_bad_flag():
     assert list(validator.iter_errors(data))
 
 
-def test_pin_over_an_invalid_flag_value_reports_cleanly(tmp_path: Path):
+def test_pin_over_an_invalid_flag_value_reports_cleanly(tmp_path: Path, cli_main: Cli):
     lib = tmp_path / "ops.json"
     lib.write_text('{\n    "Relu": {"precision_reduce": {"flag": "yes"}}\n}\n')
-    proc = cli("pin", "Relu", "--op-info", lib)
+    proc = cli_main("pin", "Relu", "--op-info", lib)
     # whatever the CLI decides (repair the flag, or refuse), it must not crash half-way
     assert "Traceback" not in proc.stderr, proc.stderr
     if proc.returncode == 0:
@@ -612,23 +618,23 @@ def _gray_pb(path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_convert_tf2_savedmodel_reports_every_signature_in_text_and_json(tmp_path: Path):
+def test_convert_tf2_savedmodel_reports_every_signature_in_text_and_json(tmp_path: Path, cli_main: Cli):
     models = _tf_models()
     src = tmp_path / "loop"
     models.save_loop_module(src)
     bf16 = ("--mode", "mixed_bfloat16", "--op-info", "tf_amp_bf16")
-    out = ok(cli("convert", src, tmp_path / "a", *bf16)).stdout
+    out = ok(cli_main("convert", src, tmp_path / "a", *bf16)).stdout
     lines = out.splitlines()
     assert lines[0].startswith("signature serving_default  Converted ")
     assert lines[1].startswith("signature pair") and "Converted " in lines[1] and "to bfloat16" in lines[1]
     assert f"wrote {tmp_path / 'a'}" in out and "warnings:" not in out
-    doc = json.loads(ok(cli("convert", src, tmp_path / "b", *bf16, "--json")).stdout)
+    doc = json.loads(ok(cli_main("convert", src, tmp_path / "b", *bf16, "--json")).stdout)
     assert list(doc["signatures"]) == ["serving_default", "pair"]
     assert doc["summary"] == doc["signatures"]["serving_default"]["summary"] == lines[0].split("  ", 1)[1]
     assert doc["signatures"]["pair"]["plan"]["nodes"]
     assert doc["warnings"] == []
     # `plan` on the SavedModel plans its default signature: the same plan, node for node and in the same
-    # order, although TF's freezing orders nodes differently from one process to the next
+    # order, although TF's freezing orders nodes differently from one process to the next (so a real process here)
     planned = json.loads(ok(cli("plan", src, *bf16, "--json")).stdout)
     assert list(planned["nodes"]) == list(doc["plan"]["nodes"])
     assert planned == doc["plan"]
@@ -639,22 +645,22 @@ def test_convert_tf2_savedmodel_reports_every_signature_in_text_and_json(tmp_pat
 
 
 @pytest.mark.slow
-def test_gray_disagreement_option_reaches_plan_explain_and_convert(tmp_path: Path):
+def test_gray_disagreement_option_reaches_plan_explain_and_convert(tmp_path: Path, cli_main: Cli):
     pytest.importorskip("tensorflow")
     pb = _gray_pb(tmp_path / "gray.pb")
     bf16 = ("--mode", "mixed_bfloat16", "--op-info", "tf_amp_bf16")
-    widest = ok(cli("explain", pb, "add", *bf16)).stdout
+    widest = ok(cli_main("explain", pb, "add", *bf16)).stdout
     assert "follows the widest (y, float32)" in widest
-    low = ok(cli("explain", pb, "add", *bf16, "--gray-disagreement", "low")).stdout
+    low = ok(cli_main("explain", pb, "add", *bf16, "--gray-disagreement", "low")).stdout
     assert "follows the lowest (mm, bfloat16)" in low
-    doc = json.loads(ok(cli("convert", pb, tmp_path / "low.pb", *bf16, "--gray-disagreement", "low", "--json")).stdout)
+    doc = json.loads(ok(cli_main("convert", pb, tmp_path / "low.pb", *bf16, "--gray-disagreement", "low", "--json")).stdout)
     assert doc["plan"]["config"]["gray_disagreement"] == "low"
     assert doc["plan"]["nodes"]["add"]["dtype"] == "bfloat16"
     assert (tmp_path / "low.pb").stat().st_size > 0
-    fails(cli("plan", pb, "--gray-disagreement", "lowest"), 2)
+    fails(cli_main("plan", pb, "--gray-disagreement", "lowest"), 2)
 
 
-def test_convert_refuses_to_write_a_graph_that_would_not_load(tmp_path: Path):
+def test_convert_refuses_to_write_a_graph_that_would_not_load(tmp_path: Path, cli_main: Cli):
     models = _tf_models()
     lib = tmp_path / "aic-wrong-ops-info.json"
     lib.write_text(json.dumps(models.WRONG_LIB))
@@ -663,44 +669,36 @@ def test_convert_refuses_to_write_a_graph_that_would_not_load(tmp_path: Path):
     paths = models.inverse_models(src)
     out = tmp_path / "out"
     out.mkdir()
-    err = fails(cli("convert", paths["pb"], out / "inv_bf16.pb", "--mode", "mixed_bfloat16", "--op-info", lib), 2)
+    err = fails(cli_main("convert", paths["pb"], out / "inv_bf16.pb", "--mode", "mixed_bfloat16", "--op-info", lib), 2)
     assert "node 'inv'" in err and "does not load in TensorFlow" in err and "nothing was written" in err
     assert "--keep-dtype" in err
     assert list(out.iterdir()) == []
 
 
 @pytest.mark.slow
-def test_convert_and_plan_print_the_function_calls_tensorflow_kept(tmp_path: Path):
+def test_convert_and_plan_print_the_function_calls_tensorflow_kept(tmp_path: Path, cli_main: Cli):
     models = _tf_models()
     m = models.JitModule()
     pb = tmp_path / "jit.pb"
     models.frozen_pb(m.serve.get_concrete_function(), pb)
-    proc = ok(cli("convert", pb, tmp_path / "jit_bf16.pb", "--mode", "mixed_bfloat16", "--op-info", "tf_amp_bf16"))
+    proc = ok(cli_main("convert", pb, tmp_path / "jit_bf16.pb", "--mode", "mixed_bfloat16", "--op-info", "tf_amp_bf16"))
     text = proc.stdout.split("warnings:\n", 1)[1]
     assert "StatefulPartitionedCall (StatefulPartitionedCall)" in text and "_noinline" in text
     assert "Traceback" not in proc.stderr
-    proc = ok(cli("plan", pb, "--mode", "mixed_bfloat16", "--op-info", "tf_amp_bf16", "--json"))
+    proc = ok(cli_main("plan", pb, "--mode", "mixed_bfloat16", "--op-info", "tf_amp_bf16", "--json"))
     json.loads(proc.stdout)  # stdout stays pure JSON
     assert "precision-policy: warning:" in proc.stderr and "_noinline" in proc.stderr
 
 
-def test_convert_graphdef_to_a_folder_is_a_usage_error(tmp_path: Path):
+def test_convert_graphdef_to_a_folder_is_a_usage_error(tmp_path: Path, cli_main: Cli):
     pytest.importorskip("tensorflow")
     pb = _gray_pb(tmp_path / "gray.pb")
-    err = fails(cli("convert", pb, tmp_path / "folder"), 2)
+    err = fails(cli_main("convert", pb, tmp_path / "folder"), 2)
     assert "converts to a .pb or .pbtxt file" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gray.pb"]
 
 
 # ---------------------------------------------------------------------- issue 10: edits never lose data
-def cli_in_process(capsys: pytest.CaptureFixture, *args: str | Path) -> subprocess.CompletedProcess:
-    """``main(ARGS)`` in this process (a subprocess adds nothing here); any exception it lets out fails the test."""
-    from precision_policy.cli import main
-
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(list(args), code, out.out, out.err)
 
 
 _DUPLICATE_OP = (
@@ -759,11 +757,11 @@ def test_plan_with_an_empty_op_info_is_a_usage_error(capsys: pytest.CaptureFixtu
     assert "empty" in err
 
 
-def test_pin_through_a_symlink_edits_the_target_and_keeps_the_link(lib_copy: Path, tmp_path: Path):
+def test_pin_through_a_symlink_edits_the_target_and_keeps_the_link(lib_copy: Path, tmp_path: Path, cli_main: Cli):
     lib_copy.chmod(0o644)
     link = tmp_path / "link.json"
     link.symlink_to(lib_copy)
-    ok(cli("pin", "BiasAdd", "--op-info", link))
+    ok(cli_main("pin", "BiasAdd", "--op-info", link))
     assert link.is_symlink()
     assert json.loads(lib_copy.read_text())["BiasAdd"]["precision_reduce"] == {"flag": "false"}
     assert stat.S_IMODE(lib_copy.stat().st_mode) == 0o644
@@ -780,7 +778,7 @@ def test_plan_output_gets_the_umask_mode(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_convert_writes_through_symlinks_keeps_mode_and_cleans_crash_leftovers(tmp_path: Path):
+def test_convert_writes_through_symlinks_keeps_mode_and_cleans_crash_leftovers(tmp_path: Path, cli_main: Cli):
     """The TF converter writes through fileio: a .pb output over a symlink keeps the link and the target's
     mode; a SavedModel output removes the temporary folders a crashed conversion left beside it."""
     models = _tf_models()
@@ -792,7 +790,7 @@ def test_convert_writes_through_symlinks_keeps_mode_and_cleans_crash_leftovers(t
     link = tmp_path / "model_bf16.pb"
     link.symlink_to(real / "model.pb")
     bf16 = ("--mode", "mixed_bfloat16", "--op-info", "tf_amp_bf16")
-    ok(cli("convert", pb, link, *bf16))
+    ok(cli_main("convert", pb, link, *bf16))
     assert link.is_symlink() and (real / "model.pb").read_bytes() != b"old"
     assert stat.S_IMODE((real / "model.pb").stat().st_mode) == 0o644
     assert sorted(os.listdir(real)) == ["model.pb"]
@@ -804,16 +802,16 @@ def test_convert_writes_through_symlinks_keeps_mode_and_cleans_crash_leftovers(t
     for leftover in (".saved.0badc0de.pp-tmp", ".saved.k2j_x9zq.tmp"):  # ours, and tempfile.mkdtemp's (older versions)
         (tmp_path / leftover).mkdir()
         (tmp_path / leftover / "saved_model.pb").write_bytes(b"x" * 100)
-    ok(cli("convert", paths["tf1"], out, *bf16))
+    ok(cli_main("convert", paths["tf1"], out, *bf16))
     assert (out / "saved_model.pb").is_file()
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
 
 
-def test_pin_on_a_hard_linked_library_warns_that_the_other_name_keeps_the_old_text(lib_copy: Path, tmp_path: Path):
+def test_pin_on_a_hard_linked_library_warns_that_the_other_name_keeps_the_old_text(lib_copy: Path, tmp_path: Path, cli_main: Cli):
     other = tmp_path / "other-name.json"
     os.link(lib_copy, other)
     before = other.read_bytes()
-    proc = ok(cli("pin", "BiasAdd", "--op-info", lib_copy))
+    proc = ok(cli_main("pin", "BiasAdd", "--op-info", lib_copy))
     assert "warning" in proc.stderr and "2 hard links" in proc.stderr and str(lib_copy) in proc.stderr
     assert json.loads(lib_copy.read_text())["BiasAdd"]["precision_reduce"] == {"flag": "false"}
     assert other.read_bytes() == before

@@ -33,8 +33,8 @@ from precision_policy.opinfo import edit
 lib, w, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 sys.stdout.write("ready\\n"); sys.stdout.flush(); sys.stdin.readline()  # start together
 for j in range(n):
-    edit.pin(lib, f"W{w}_{j}")
-    edit.set_flag(lib, f"Own{w}", "true" if j % 2 else "false")
+    edit.pin(lib, f"W{w}_{j}", add=True)
+    edit.set_flag(lib, f"Own{w}", "true" if j % 2 else "false", add=True)
 """
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from precision_policy.errors import OpInfoError
 from precision_policy.fileio import atomic_write, locked_edit
 from precision_policy.opinfo.library import library_files, parse_library_json, parse_library_text, resolve_library_path
+from precision_policy.opinfo.schema import OP_NAME
 
 _WS = re.compile(r"[ \t\n\r]*")
 
@@ -188,12 +189,17 @@ def _parse(path: Path, text: str) -> dict:
     return data
 
 
-def set_flag(spec: str | Path, op: str, flag: str | bool | None) -> EditResult:
+def set_flag(spec: str | Path, op: str, flag: str | bool | None, *, add: bool = False) -> EditResult:
     """Set ``precision_reduce.flag`` of ``op`` to ``"true"``/``"false"``, or remove it (None).
 
     ``spec`` is an op-info file, a folder (the file defining ``op`` is edited) or a shipped
-    library name. An op not yet in the file is added with just the flag.
+    library name. An op the library does not have is an error naming the closest op types
+    (``relu`` -> ``Relu``), unless ``add=True`` (the CLI's ``--add``): then it is added with
+    just the flag. Op type names must match the library schema's pattern either way.
     """
+    if not isinstance(op, str) or not OP_NAME.match(op):
+        raise OpInfoError(f"{op!r} is not a valid op type name (letters, digits, '_' and '.', starting with a letter "
+                          "or '_'; no spaces or line breaks)", file=str(spec))
     if flag is True or flag == "true":
         new_flag: str | None = "true"
     elif flag is False or flag == "false":
@@ -208,6 +214,8 @@ def set_flag(spec: str | Path, op: str, flag: str | bool | None) -> EditResult:
         data = _parse(path, text)  # refuses a file that does not parse, before anything is written
         if not os.access(path, os.W_OK):
             raise OpInfoError(f"file is read-only; grant write permission first (chmod u+w {path})", file=path)
+        if op not in data and new_flag is not None and not add:
+            raise OpInfoError(_not_in_library(path, op, data), file=path)
         result, new_text = _edit_text(path, text, data, op, new_flag)
         if new_text != text:
             # the edited file must still be a valid library, with the flag we meant
@@ -275,9 +283,18 @@ def _edit_text(path: Path, text: str, data: dict, op: str, new_flag: str | None)
     return EditResult(path, op, old_flag, new_flag, created), new_text
 
 
-def pin(spec: str | Path, op: str) -> EditResult:
+def _not_in_library(path: Path, op: str, data: dict) -> str:
+    import difflib
+
+    by_case = [k for k in data if k.lower() == op.lower()]
+    close = by_case or difflib.get_close_matches(op, list(data), n=3)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return f"op type {op!r} is not in this library{hint} (to add a new entry, pass --add / add=True)"
+
+
+def pin(spec: str | Path, op: str, *, add: bool = False) -> EditResult:
     """Pin ``op`` to its origin precision: ``precision_reduce.flag = "false"`` (black list)."""
-    return set_flag(spec, op, "false")
+    return set_flag(spec, op, "false", add=add)
 
 
 def unpin(spec: str | Path, op: str) -> EditResult:

@@ -30,7 +30,7 @@ from pydantic_core import ErrorDetails
 from precision_policy import dtypes
 from precision_policy._jsonio import DuplicateKey, loads_json_text
 from precision_policy.errors import DTypeError, OpInfoError
-from precision_policy.opinfo.schema import TENSOR_KEY, OpEntry, TensorField
+from precision_policy.opinfo.schema import OP_NAME, TENSOR_KEY, OpEntry, TensorField
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,9 @@ def _pydantic_field(err: ErrorDetails) -> str:
 
 def parse_entry(op_type: str, raw: Any, source: str) -> OpInfo:
     """Validate one op entry; raise OpInfoError naming the file, op and field."""
+    if not OP_NAME.match(op_type):
+        raise OpInfoError(f"{op_type!r} is not a valid op type name (letters, digits, '_' and '.', starting with a "
+                          "letter or '_', as the library's JSON Schema states): rename or remove the entry", file=source)
     if not isinstance(raw, dict):
         raise OpInfoError(f"an op entry must be a JSON object, got {type(raw).__name__}", file=source, op=op_type)
     try:

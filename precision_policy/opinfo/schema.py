@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from precision_policy import dtypes
 
+#: What an op type may be called (the library's top-level keys; the JSON Schema's ``propertyNames``).
+OP_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 TENSOR_KEY = re.compile(r"^(input|output)(\d+)$")
 
 
@@ -88,7 +90,7 @@ def json_schema() -> dict[str, Any]:
         "title": "Ascend ops-info library (precision_policy)",
         "description": "Top-level keys are op types in canonical PascalCase; each value describes the op's kernels and precision flag.",
         "type": "object",
-        "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_.]*$"},
+        "propertyNames": {"pattern": OP_NAME.pattern},
         "additionalProperties": {"$ref": "#/$defs/OpEntry"},
         "$defs": defs,
     }

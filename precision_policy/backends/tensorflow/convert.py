@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import re
 import shutil
 from collections.abc import Iterator, Sequence
@@ -313,6 +314,8 @@ def load_model(path: str | Path, tags: Sequence[str] | None = None, *, all_signa
                 have = [sorted(mg.meta_info_def.tags) for mg in sm.meta_graphs]
                 raise GraphError(f"no meta graph with tags {sorted(wanted)}; it has {have}", file=p)
         mg = sm.meta_graphs[index]
+        _check_links(p)
+        _check_variables(p, mg.graph_def)
         if mg.HasField("object_graph_def") and mg.object_graph_def.nodes and any(
                 n.op in ("StatefulPartitionedCall", "PartitionedCall") for n in mg.graph_def.node):
             return _load_tf2_saved_model(p, list(mg.meta_info_def.tags), all_signatures)
@@ -323,6 +326,7 @@ def load_model(path: str | Path, tags: Sequence[str] | None = None, *, all_signa
             inputs.update({k: t.name for k, t in sig.inputs.items()})
         fetches = sorted(set(fetches))
         gd = mg.graph_def
+        _check_graph(gd, fetches + list(inputs.values()), pb)
         warnings: list[str] = []
         if function_calls(gd):
             keep = fetches + list(inputs.values()) + _saved_model_nodes(mg)
@@ -331,11 +335,38 @@ def load_model(path: str | Path, tags: Sequence[str] | None = None, *, all_signa
     if not p.exists():
         raise GraphError("file not found", file=p)
     gd = _read_pb(p)
+    _check_graph(gd, [], p)
     fetches = _default_fetches(gd)
     warnings = []
     if function_calls(gd):
         gd, warnings = _prepare(gd, fetches, p, str(p))  # fetches keep their names through inlining
     return LoadedModel(gd, fetches, p, warnings=warnings)
+
+
+_VARIABLE_OPS = frozenset({"VariableV2", "VarHandleOp", "RestoreV2", "Variable"})
+
+
+def _check_graph(gd: graph_pb2.GraphDef, tensors: Sequence[str], file: Path) -> None:
+    """A graph to convert has nodes, and the tensors its signatures name exist in it."""
+    if not gd.node:
+        raise GraphError("holds no nodes: an empty graph (or not a GraphDef at all) has nothing to convert", file=file)
+    names = {n.name for n in gd.node}
+    missing = sorted({t.lstrip("^").split(":")[0] for t in tensors} - names)
+    if missing:
+        raise GraphError(f"its signatures name tensors of nodes the graph does not have: {', '.join(missing[:10])}"
+                         f"{' ...' if len(missing) > 10 else ''} (the file is truncated or was edited)", file=file)
+
+
+def _check_variables(folder: Path, gd: graph_pb2.GraphDef) -> None:
+    """A SavedModel whose graph has variables needs its ``variables/`` checkpoint: say so, by name."""
+    ops = sorted({n.op for n in gd.node if n.op in _VARIABLE_OPS})
+    if not ops:
+        return
+    index = folder / "variables" / "variables.index"
+    if not index.is_file():
+        what = "folder" if not (folder / "variables").is_dir() else "checkpoint (variables/variables.index)"
+        raise GraphError(f"the SavedModel's graph has variables ({', '.join(ops)}) but its variables/ {what} is "
+                         "missing: copy the whole SavedModel folder, variables/ included", file=folder)
 
 
 def _saved_model_nodes(mg: Any) -> list[str]:
@@ -496,12 +527,13 @@ GRAPH_LOADERS["tensorflow"] = _opgraph_loader
 
 # ---------------------------------------------------------------------- rewriting
 def rewrite_with_plan(graph_def: graph_pb2.GraphDef, config: RunConfig, fetches: Sequence[str] | None = None,
-                      name: str = "graph") -> tuple[graph_pb2.GraphDef, CastPlan]:
+                      name: str = "graph", *, max_const_bytes: int | None = None) -> tuple[graph_pb2.GraphDef, CastPlan]:
     """Plan ``graph_def`` under ``config`` and apply the plan (function calls are left as they are, with a
-    warning: ``load_model`` or ``inline_functions`` inlines them first)."""
+    warning: ``load_model`` or ``inline_functions`` inlines them first). ``max_const_bytes``: the largest
+    constant materialised while converting (see :func:`~precision_policy.backends.tensorflow.graphdef.apply_plan`)."""
     og, info = to_opgraph(graph_def, fetches, name=name)
     plan = make_plan(og, config)
-    return apply_plan(info, plan), plan
+    return apply_plan(info, plan, max_const_bytes=max_const_bytes), plan
 
 
 class _CallsReported(logging.Filter):
@@ -523,9 +555,9 @@ def _calls_already_reported() -> Iterator[None]:
 
 
 def _plan_and_apply(graph_def: graph_pb2.GraphDef, config: RunConfig, fetches: Sequence[str] | None,
-                    name: str) -> tuple[graph_pb2.GraphDef, CastPlan]:
+                    name: str, max_const_bytes: int | None = None) -> tuple[graph_pb2.GraphDef, CastPlan]:
     with _calls_already_reported():
-        return rewrite_with_plan(graph_def, config, fetches, name)
+        return rewrite_with_plan(graph_def, config, fetches, name, max_const_bytes=max_const_bytes)
 
 
 def rewrite(graph_def: graph_pb2.GraphDef, config: RunConfig, fetches: Sequence[str] | None = None) -> graph_pb2.GraphDef:
@@ -590,10 +622,46 @@ def _write_bytes_atomic(path: Path, data: bytes) -> None:
 
 
 def _write_graph_file(gd: graph_pb2.GraphDef, out: Path) -> None:
+    """Deterministic bytes: the same input gives the same file (map fields such as ``attr`` sorted)."""
     if out.suffix == ".pbtxt":
         _write_bytes_atomic(out, text_format.MessageToString(gd).encode("utf-8"))
     else:
-        _write_bytes_atomic(out, gd.SerializeToString())
+        _write_bytes_atomic(out, gd.SerializeToString(deterministic=True))
+
+
+def _refuse_output_over_input(src: Path, out: Path) -> None:
+    """An output that is the input (the same path, or the same file through a link), or lies inside an
+    input folder, would destroy the model it is made from: refused before anything is read."""
+    if not os.path.lexists(src):
+        return  # load_model says the input is missing
+    same = False
+    try:
+        same = os.path.lexists(out) and os.path.samefile(src, out)
+    except OSError:
+        pass
+    real_src, real_out = fileio.resolve(src), fileio.resolve(out)
+    if same or real_src == real_out:
+        raise WriteError(f"the output is the input ({src}); converting in place would destroy it: "
+                         "name a new output file", file=out)
+    if src.is_dir() and real_src in real_out.parents:
+        raise WriteError(f"the output lies inside the input SavedModel {src}: name an output outside it", file=out)
+
+
+def _check_links(src: Path) -> None:
+    """A SavedModel folder whose links lead out of it (or nowhere) is refused, naming the link: copying it
+    would put a file from outside the model into the converted one."""
+    root = fileio.resolve(src)
+    for dirpath, dirnames, filenames in os.walk(src):
+        for name in dirnames + filenames:
+            item = Path(dirpath) / name
+            if not item.is_symlink():
+                continue
+            target = Path(os.path.realpath(item))
+            if not target.exists():
+                raise GraphError(f"{item} is a link to {os.readlink(item)}, which does not exist", file=src)
+            if target != root and root not in target.parents:
+                raise GraphError(f"{item} is a link pointing outside the SavedModel (to {target}); refusing to copy "
+                                 "it into the converted model: replace the link with the file it names", file=src)
 
 
 def _write_tf1_saved_model(model: LoadedModel, gd: graph_pb2.GraphDef, src: Path, out: Path) -> None:
@@ -610,7 +678,7 @@ def _write_tf1_saved_model(model: LoadedModel, gd: graph_pb2.GraphDef, src: Path
                     shutil.copytree(item, tmp / item.name)
                 else:
                     shutil.copy2(item, tmp / item.name)
-            (tmp / "saved_model.pb").write_bytes(sm.SerializeToString())
+            (tmp / "saved_model.pb").write_bytes(sm.SerializeToString(deterministic=True))
         except OSError as exc:
             raise WriteError(f"cannot write: {exc.strerror or exc}", file=out) from None
         _check_tf1_saved_model(tmp, tags, model, out)
@@ -735,16 +803,19 @@ def _check_tf2_saved_model(folder: Path, model: LoadedModel, graphs: dict[str, g
 
 
 def convert_model(src: str | Path, dst: str | Path, config: RunConfig, *,
-                  tags: Sequence[str] | None = None) -> ConversionResult:
+                  tags: Sequence[str] | None = None, max_const_bytes: int | None = None) -> ConversionResult:
     """Convert a model file to ``config``'s precision; every plan made and every warning (see the module doc).
 
     .pb/.pbtxt -> .pb/.pbtxt; a TF1 SavedModel -> a SavedModel or .pb; a TF2 SavedModel -> a
     SavedModel serving every signature, or a .pb of its default signature. The output appears
     whole or not at all, and only once it loads in TensorFlow (GraphError otherwise, naming
-    the node TensorFlow complained about).
+    the node TensorFlow complained about). An output that is the input (or lies inside it) is
+    refused; constants whose converted size exceeds ``max_const_bytes`` are refused before any
+    allocation (splat constants are never materialised).
     """
     src_p, out = Path(src), Path(dst)
     to_graph_file = out.suffix in (".pb", ".pbtxt")
+    _refuse_output_over_input(src_p, out)
     model = load_model(src_p, tags, all_signatures=not to_graph_file)
     if not to_graph_file and model.saved_model is None and not model.is_tf2:
         raise GraphError(f"a GraphDef ({src_p}) converts to a .pb or .pbtxt file, not to a SavedModel folder: "
@@ -772,7 +843,7 @@ def convert_model(src: str | Path, dst: str | Path, config: RunConfig, *,
             if first != name:
                 graphs[name], plans[name] = graphs[first], plans[first]
                 continue
-            gd, plans[name] = _plan_and_apply(sg.graph_def, config, sg.fetches, f"{src_p.name}:{name}")
+            gd, plans[name] = _plan_and_apply(sg.graph_def, config, sg.fetches, f"{src_p.name}:{name}", max_const_bytes)
             verify_graph_def(gd, sg.fetches + [t for _, t, _ in sg.inputs], file=src_p)
             graphs[name] = gd
         if to_graph_file:
@@ -780,7 +851,7 @@ def convert_model(src: str | Path, dst: str | Path, config: RunConfig, *,
         else:
             _write_tf2_saved_model(model, graphs, src_p, out)
         return ConversionResult(src_p, out, plans, per_signature=True, warnings=warnings)
-    gd, plan = _plan_and_apply(model.graph_def, config, model.fetches, src_p.name)
+    gd, plan = _plan_and_apply(model.graph_def, config, model.fetches, src_p.name, max_const_bytes)
     plans[src_p.name] = plan
     verify_graph_def(gd, list(model.fetches) + list(model.inputs.values()), file=src_p)
     if to_graph_file:
@@ -790,11 +861,12 @@ def convert_model(src: str | Path, dst: str | Path, config: RunConfig, *,
     return ConversionResult(src_p, out, plans, warnings=warnings)
 
 
-def convert(src: str | Path, dst: str | Path, config: RunConfig, *, tags: Sequence[str] | None = None) -> CastPlan:
+def convert(src: str | Path, dst: str | Path, config: RunConfig, *, tags: Sequence[str] | None = None,
+            max_const_bytes: int | None = None) -> CastPlan:
     """Convert a model file to ``config``'s precision: .pb/.pbtxt -> .pb/.pbtxt, SavedModel -> SavedModel or .pb.
 
     The output appears whole or not at all (temporary file/folder, then rename), and only if it
     loads in TensorFlow. Returns the plan (``serving_default``'s for a TF2 SavedModel; every
     signature's plan is in ``convert_model(...).plans``).
     """
-    return convert_model(src, dst, config, tags=tags).plan
+    return convert_model(src, dst, config, tags=tags, max_const_bytes=max_const_bytes).plan

@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 from tensorflow.core.framework import graph_pb2, node_def_pb2, types_pb2
-from tensorflow.python.framework import op_def_registry, tensor_util
+from tensorflow.python.framework import op_def_registry
 
 from precision_policy import dtypes
+from precision_policy.backends.tensorflow.consts import convert_tensor
 from precision_policy.errors import GraphError
 from precision_policy.graph import HANDLE_TYPED_PREFIXES, OpGraph, parse_tensor_ref
 from precision_policy.opinfo.overrides import tensorflow_aliases
@@ -259,8 +260,9 @@ def _ref(name: str, port: int) -> str:
 class _Rewriter:
     """Builds the rewritten GraphDef: node attrs from the plan, then every edge made type-consistent."""
 
-    def __init__(self, info: GraphInfo, plan: CastPlan, native_fp16: bool) -> None:
+    def __init__(self, info: GraphInfo, plan: CastPlan, native_fp16: bool, max_const_bytes: int | None = None) -> None:
         self.plan = plan
+        self.max_const_bytes = max_const_bytes
         self.native = native_fp16
         self.index = {n: i for i, n in enumerate(plan.names)}
         self.out = graph_pb2.GraphDef()
@@ -334,13 +336,13 @@ class _Rewriter:
         src = self.by_name.get(pname) or self._new_by_name.get(pname)
         base = pname + "/CastTo" + _SUFFIX.get(dtype_name(to), dtype_name(to)) + (f"_{port}" if port else "")
         if src is not None and src.op in _CONSTS and port == 0:
-            value = tensor_util.MakeNdarray(src.attr["value"].tensor)
+            # splats stay splats; packed content is checked against its shape and a size limit first
+            tensor = convert_tensor(src.attr["value"].tensor, dtype_name(to), node=src.name, max_bytes=self.max_const_bytes)
             # control inputs place a constant in a loop's frame: the converted copy keeps them
             new = node_def_pb2.NodeDef(name=_unique(base, self.taken), op="Const", device=src.device,
                                        input=[r for r in src.input if r.startswith("^")])
             new.attr["dtype"].type = to
-            new.attr["value"].tensor.CopyFrom(tensor_util.make_tensor_proto(
-                value.astype(dtypes.to_numpy(dtype_name(to))), dtype=_tf_dtype(dtype_name(to))))
+            new.attr["value"].tensor.CopyFrom(tensor)
         else:
             device = src.device if src is not None else ""
             new = _cast_node(_unique(base, self.taken), ref, dtype_name(have), dtype_name(to), device)
@@ -490,7 +492,8 @@ def _is_float_enum(enum: int) -> bool:
     return enum in _FLOAT_ENUMS
 
 
-def apply_plan(info: GraphInfo, plan: CastPlan, *, native_fp16: bool | None = None) -> graph_pb2.GraphDef:
+def apply_plan(info: GraphInfo, plan: CastPlan, *, native_fp16: bool | None = None,
+               max_const_bytes: int | None = None) -> graph_pb2.GraphDef:
     """A new GraphDef in which every node runs in the dtype ``plan`` gives it.
 
     Type attributes (single and list-typed) are set from the plan's per-tensor dtypes; then
@@ -501,16 +504,18 @@ def apply_plan(info: GraphInfo, plan: CastPlan, *, native_fp16: bool | None = No
     dtype (the converted node is renamed, a Cast takes its name); existing Casts that became
     identities are removed; float16 is emulated (float16 tensors, float32 kernels) unless
     ``native_fp16``. Nothing here reads the plan's reasons: only its dtypes. Runs in time
-    linear in the graph's size.
+    linear in the graph's size. Constants are converted without materialising splats; a packed
+    one whose converted size exceeds ``max_const_bytes`` (default
+    :data:`~precision_policy.backends.tensorflow.consts.DEFAULT_MAX_CONST_BYTES`) is a GraphError.
     """
     if native_fp16 is None:
         native_fp16 = plan.config.get("float16") == "native"
     with _no_gc():
-        return _apply_plan(info, plan, native_fp16)
+        return _apply_plan(info, plan, native_fp16, max_const_bytes)
 
 
-def _apply_plan(info: GraphInfo, plan: CastPlan, native_fp16: bool) -> graph_pb2.GraphDef:
-    rw = _Rewriter(info, plan, native_fp16)
+def _apply_plan(info: GraphInfo, plan: CastPlan, native_fp16: bool, max_const_bytes: int | None) -> graph_pb2.GraphDef:
+    rw = _Rewriter(info, plan, native_fp16, max_const_bytes)
     rw.set_attrs()
     if rw.conflicts:
         raise GraphError("the plan gives one type attribute two dtypes: " + "; ".join(rw.conflicts[:10]))
@@ -527,8 +532,3 @@ def _apply_plan(info: GraphInfo, plan: CastPlan, native_fp16: bool) -> graph_pb2
     rw.keep_fetches(fetches)
     return rw.emit(removed, fetched)
 
-
-def _tf_dtype(name: str) -> Any:
-    import tensorflow as tf
-
-    return tf.as_dtype(name)
