@@ -26,19 +26,12 @@ __all__ = ["DuplicateKey", "find_duplicate_key", "load_json_file", "loads_json_t
 
 def load_json_file(path: str | Path, error: Callable[..., Exception], *, unique_keys: bool = False) -> Any:
     """Parse ``path`` as JSON; a missing file or bad JSON raises ``error(message, file=..., line=..., column=...)``."""
+    from precision_policy.fileio import read_input_text  # (regular files only, size-capped: never a FIFO or /dev/zero)
+
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise error("file not found", file=p) from None
-    except IsADirectoryError:
-        raise error("expected a JSON file, found a directory", file=p) from None
-    except UnicodeDecodeError as exc:
-        raise error(f"not UTF-8 text ({exc.reason} at byte {exc.start})", file=p) from None
-    except OSError as exc:
-        raise error(f"cannot read: {exc.strerror or exc}", file=p) from None
-    except ValueError as exc:  # e.g. a NUL byte in the path
-        raise error(f"invalid path: {exc}", file=repr(str(path))) from None
+    if "\x00" in str(path):
+        raise error("invalid path: it contains a NUL byte", file=repr(str(path)))
+    text = read_input_text(p, error)
     return loads_json_text(text, p, error, unique_keys=unique_keys)
 
 

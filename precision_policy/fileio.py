@@ -56,7 +56,7 @@ import re
 import secrets
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from precision_policy.errors import WriteError
@@ -359,3 +359,98 @@ def new_folder(path: str | Path) -> Iterator[Path]:
         finally:
             if os.path.lexists(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- reading inputs
+#: The largest input file read without ``--max-input-bytes`` (protobuf parses at most 2 GiB anyway).
+DEFAULT_MAX_INPUT_BYTES = 2 << 30
+#: The limit in force: the CLI's ``--max-input-bytes`` sets it for the process; None means the default.
+max_input_bytes: int | None = None
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def _unreadable_folder(path: Path) -> Path | None:
+    """The first folder on the way to ``path`` this process may not enter (None if every one can be)."""
+    p = path if path.is_absolute() else Path.cwd() / path
+    for parent in reversed(p.parents):
+        if parent.is_dir() and not os.access(parent, os.X_OK):
+            return parent
+    return None
+
+
+def read_input(path: str | Path, error: Callable[..., Exception], *, limit: int | None = None) -> bytes:
+    """The bytes of the input file ``path``, read safely; every problem is ``error(message, file=path)``.
+
+    Only regular files are read: a FIFO would block forever and ``/dev/zero`` never ends, so
+    both are refused *before* they are opened. A file over ``limit`` bytes (default
+    :data:`max_input_bytes`, else :data:`DEFAULT_MAX_INPUT_BYTES`) is refused before it is read.
+    A folder the process may not enter is named.
+
+    Example:
+        >>> from precision_policy.errors import GraphError
+        >>> read_input("/dev/zero", GraphError)
+        Traceback (most recent call last):
+        ...
+        precision_policy.errors.GraphError: /dev/zero: is a character device, not a regular file; ...
+    """
+    p = Path(path)
+    limit = limit if limit is not None else (max_input_bytes if max_input_bytes is not None else DEFAULT_MAX_INPUT_BYTES)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise error("file not found", file=p) from None
+    except PermissionError:
+        folder = _unreadable_folder(p)
+        where = f"folder {folder} cannot be entered (no execute permission)" if folder else "permission denied"
+        raise error(f"cannot read: {where}", file=p) from None
+    except (OSError, ValueError) as exc:  # ENOTDIR, ELOOP, ENAMETOOLONG, a NUL byte in the path...
+        raise error(f"cannot read: {getattr(exc, 'strerror', None) or exc}", file=p) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise error("expected a file, found a folder", file=p) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"is {_kind(st.st_mode)}, not a regular file; inputs must be regular files "
+                    "(copy the data to a file first)", file=p)
+    if st.st_size > limit:
+        raise error(f"is {st.st_size:,} bytes, over the {limit:,}-byte limit for inputs "
+                    "(raise it with --max-input-bytes)", file=p)
+    try:  # O_NONBLOCK: should the path have become a FIFO since the stat, opening it does not hang
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except PermissionError:
+        raise error("cannot read: permission denied (no read permission on the file)", file=p) from None
+    except OSError as exc:
+        raise error(f"cannot read: {exc.strerror or exc}", file=p) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise error("is not a regular file (it changed while being opened)", file=p)
+        chunks = []
+        left = limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 24))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as exc:
+        raise error(f"cannot read: {exc.strerror or exc}", file=p) from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > limit:
+        raise error(f"grew past the {limit:,}-byte limit for inputs while being read (raise it with --max-input-bytes)",
+                    file=p)
+    return data
+
+
+def read_input_text(path: str | Path, error: Callable[..., Exception], *, limit: int | None = None) -> str:
+    """:func:`read_input` decoded as UTF-8 (a decoding error names the byte)."""
+    data = read_input(path, error, limit=limit)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"not UTF-8 text ({exc.reason} at byte {exc.start})", file=Path(path)) from None

@@ -34,7 +34,7 @@ from json.decoder import scanstring  # type: ignore[attr-defined]  # public at r
 from pathlib import Path
 
 from precision_policy.errors import OpInfoError
-from precision_policy.fileio import atomic_write, locked_edit
+from precision_policy.fileio import atomic_write, locked_edit, read_input_text
 from precision_policy.opinfo.library import library_files, parse_library_json, parse_library_text, resolve_library_path
 from precision_policy.opinfo.schema import OP_NAME
 
@@ -174,12 +174,7 @@ def _target_file(spec: str | Path, op: str, creating: bool) -> Path:
 
 def _read(path: Path) -> str:
     """The file's text with its line endings as they are (CRLF files stay CRLF)."""
-    try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise OpInfoError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", file=path) from None
-    except OSError as exc:
-        raise OpInfoError(f"cannot read: {exc.strerror or exc}", file=path) from None
+    return read_input_text(path, OpInfoError)
 
 
 def _parse(path: Path, text: str) -> dict:

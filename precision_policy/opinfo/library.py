@@ -30,6 +30,7 @@ from pydantic_core import ErrorDetails
 from precision_policy import dtypes
 from precision_policy._jsonio import DuplicateKey, loads_json_text
 from precision_policy.errors import DTypeError, OpInfoError
+from precision_policy.fileio import read_input_text
 from precision_policy.opinfo.schema import OP_NAME, TENSOR_KEY, OpEntry, TensorField
 
 log = logging.getLogger(__name__)
@@ -309,12 +310,7 @@ def _load_cached(path: Path, stamp: tuple[tuple[str, int, int], ...]) -> Library
     ops: dict[str, OpInfo] = {}
     files = [Path(f) for f, _, _ in stamp]
     for f in files:
-        try:
-            text = f.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise OpInfoError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", file=f) from None
-        except OSError as exc:
-            raise OpInfoError(f"cannot read: {exc.strerror}", file=f) from None
+        text = read_input_text(f, OpInfoError)
         for op_type, info in parse_library_text(text, str(f)).items():
             if op_type in ops:
                 raise OpInfoError(

@@ -138,14 +138,11 @@ def load_mixlist(path: str | Path, library: Library) -> dict[str, tuple[str, str
 
 # ---------------------------------------------------------------------- keep_dtype
 def _lines(path: Path) -> list[tuple[int, str]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise OverrideError("file not found", file=path) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise OverrideError(f"cannot read: {exc}", file=path) from None
-    except ValueError as exc:  # e.g. a NUL byte in the path
-        raise OverrideError(f"invalid path: {exc}", file=repr(str(path))) from None
+    from precision_policy.fileio import read_input_text  # regular files only, size-capped
+
+    if "\x00" in str(path):
+        raise OverrideError("invalid path: it contains a NUL byte", file=repr(str(path)))
+    text = read_input_text(path, OverrideError)
     out = []
     for no, line in enumerate(text.splitlines(), start=1):
         line = line.split("#", 1)[0].strip()

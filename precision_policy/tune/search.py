@@ -24,9 +24,11 @@ is reported as "0 of N ops converted" with a WARNING, never as a plain success.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import math
 import numbers
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -58,9 +60,13 @@ def adapter_for(model: Any, config: RunConfig, example_inputs: Any = None, **opt
     """
     if isinstance(model, TuneAdapter):
         return model
+    path_like = isinstance(model, (str, os.PathLike))  # a SavedModel / .pb / .keras path: TF reads it
     tried: set[str] = set()
     for framework, module_name in ADAPTER_MODULES:
-        if framework not in sys.modules or module_name in tried:
+        if module_name in tried:
+            continue
+        if framework not in sys.modules and not (
+                path_like and framework == "tensorflow" and importlib.util.find_spec("tensorflow") is not None):
             continue
         tried.add(module_name)
         try:
@@ -270,15 +276,19 @@ def tune(
     *,
     route: str = "eager",
     progress: bool | None = None,
+    **options: Any,
 ) -> TuneResult:
     """Convert ``model`` under ``config``, falling ops back to their origin dtype until ``eval_fn`` is tolerable.
 
     Args:
         model: a ``torch.nn.Module`` (or a model another installed backend tunes, or a TuneAdapter).
         config: the RunConfig of the full conversion (default: ``allow_mix_precision_bf16`` with the
-            ``torch_autocast_cpu`` library for torch). Its own ``keep_dtype`` entries stay kept.
+            ``torch_autocast_cpu`` library for torch models, ``tf_amp_bf16`` for Keras and TF graphs).
+            Its own ``keep_dtype`` entries stay kept.
         eval_fn: called with the model to evaluate (torch: the prepared module, or the FX rewrite
-            with ``route="fx"``); returns a number.
+            with ``route="fx"``; Keras: a copy of the model with its policies set; a TF graph,
+            SavedModel or .pb: a :class:`~precision_policy.backends.tensorflow.tune.GraphModel`);
+            returns a number.
         tolerable_loss: how much worse than the baseline a model may be; a fraction of the baseline
             when ``relative`` (0.01: 1 %), else in the metric's units.
         higher_is_better: whether a larger metric is better (accuracy) or worse (loss).
@@ -289,6 +299,7 @@ def tune(
         resume: a ``trials.json`` from :meth:`TuneResult.save`; its trials are replayed, not re-evaluated.
         route: torch only: ``"eager"`` (prepare) or ``"fx"`` (trace + apply).
         progress: show a progress bar (None: when stderr is a terminal).
+        options: passed to the backend's adapter (TF graphs: ``fetches``, ``inputs``, ``tags``).
 
     Raises:
         TuneError: no trial passed (``best_trial`` names the best one), eval_fn returned no number,
@@ -307,7 +318,10 @@ def tune(
         (1, [], 3)
     """
     if config is None:
-        config = RunConfig(precision_mode="allow_mix_precision_bf16", op_info="torch_autocast_cpu")
+        torch = sys.modules.get("torch")
+        torch_model = torch is not None and isinstance(model, torch.nn.Module)
+        config = RunConfig(precision_mode="allow_mix_precision_bf16",
+                           op_info="torch_autocast_cpu" if torch_model else "tf_amp_bf16")
     if not callable(eval_fn):
         raise TuneError(f"eval_fn must be a callable that takes the model and returns a number, not {type(eval_fn).__name__}")
     if not isinstance(max_trials, int) or max_trials < 1:
@@ -316,7 +330,7 @@ def tune(
         raise ConfigError(f"tune: timeout must be a positive number of seconds, not {timeout!r}")
     if not tolerable_loss >= 0:
         raise ConfigError(f"tune: tolerable_loss must be >= 0, not {tolerable_loss!r}")
-    adapter = adapter_for(model, config, example_inputs, route=route)
+    adapter = adapter_for(model, config, example_inputs, route=route, **options)
     settings = {"tolerable_loss": tolerable_loss, "relative": relative, "higher_is_better": higher_is_better}
     recorded = load_trials(resume) if resume is not None else None
 

@@ -123,7 +123,7 @@ class ConversionResult:
 # ---------------------------------------------------------------------- reading
 def _read_pb(path: Path) -> graph_pb2.GraphDef:
     gd = graph_pb2.GraphDef()
-    data = path.read_bytes()
+    data = fileio.read_input(path, GraphError)
     try:
         if path.suffix == ".pbtxt":
             text_format.Parse(data.decode("utf-8"), gd)
@@ -298,7 +298,7 @@ def load_model(path: str | Path, tags: Sequence[str] | None = None, *, all_signa
             raise GraphError("a directory must be a SavedModel (holding saved_model.pb)", file=p)
         sm = saved_model_pb2.SavedModel()
         try:
-            sm.ParseFromString(pb.read_bytes())
+            sm.ParseFromString(fileio.read_input(pb, GraphError))
         except message.DecodeError as exc:
             raise GraphError(f"saved_model.pb does not parse: {exc}", file=pb) from None
         if not sm.meta_graphs:
