@@ -232,6 +232,18 @@ def _edit(args: argparse.Namespace, flag: str | None) -> int:
     return EXIT_OK
 
 
+def cmd_copy_library(args: argparse.Namespace) -> int:
+    from precision_policy.opinfo.edit import copy_library
+
+    files = copy_library(args.name, args.dest)
+    if args.json:
+        _print_json({"library": args.name, "dest": str(args.dest), "files": [str(f) for f in files]})
+        return EXIT_OK
+    print(f"copied {len(files)} file(s) of library {args.name} to {args.dest}")
+    print(f"edit the copy, e.g.: precision-policy pin Softmax --op-info {args.dest}")
+    return EXIT_OK
+
+
 def cmd_pin(args: argparse.Namespace) -> int:
     return _edit(args, "false")
 
@@ -335,12 +347,62 @@ def _feed_shapes(items: Sequence[str]) -> dict[str, list[int]]:
     return shapes
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    try:
+        from precision_policy.backends.tensorflow.audit import audit, load, random_feeds
+    except ImportError:
+        print("precision-policy: error: audit needs TensorFlow: pip install 'precision-policy[tensorflow]'", file=sys.stderr)
+        return EXIT_USAGE
+    config = _config(args)
+    shapes = _feed_shapes(args.feed)
+    with _Collect(args.verbose, _MODEL_LOGGERS + _WRITE_LOGGERS) as notes:
+        gd, fetches, _ = load(args.model, args.fetch)
+        feeds = random_feeds(gd, seed=args.seed, shapes=shapes)
+        result = audit(args.model, feeds, config, fetches=fetches, onednn=args.onednn)
+        if args.output:
+            result.to_json(args.output)
+        ranges = None
+        if args.ranges:
+            from precision_policy.backends.tensorflow.overflow import range_stats
+
+            ranges = range_stats(args.model, [feeds], config, fetches=fetches)
+            ranges.to_json(args.ranges)
+        overflow = None
+        if args.overflow:
+            from precision_policy.backends.tensorflow.overflow import find_overflow
+
+            overflow = find_overflow(args.model, feeds, config, fetches=fetches)
+    notes.print_to_stderr()
+    if args.json:
+        doc = result.to_dict()
+        doc["kernels"] = [{"kind": k.kind, "impl": k.impl, "dtypes": k.dtypes, "shape": k.shape} for k in result.kernels]
+        doc["notes"] = list(result.notes)
+        if ranges is not None:
+            doc["ranges"] = ranges.to_dict()
+        if overflow is not None:
+            doc["overflow"] = overflow.to_dict()
+        _print_json(doc)
+    else:
+        print(result.table())
+        if ranges is not None:
+            print(ranges.table())
+        if overflow is not None:
+            print(overflow.message)
+        for path in (args.output, args.ranges):
+            if path:
+                print(f"wrote {path}")
+    return EXIT_PRECISION if args.strict and result.mismatches() else EXIT_OK
+
+
+# ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="precision-policy",
         description="Plan, explain and edit Ascend-style mixed precision for TensorFlow and PyTorch graphs.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log library warnings to stderr")
+    parser.add_argument("--max-input-bytes", type=_byte_size, default=None, metavar="SIZE",
+                        help="largest input file read, e.g. 4G (default 2G); inputs must be regular files")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add_json(p: argparse.ArgumentParser) -> None:
@@ -399,6 +461,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_json(p)
         p.set_defaults(func=func)
 
+    p = sub.add_parser("copy-library", help="copy a shipped op-info library to a folder, to edit it there")
+    p.add_argument("name", help="shipped library name, e.g. ascend910")
+    p.add_argument("dest", help="folder to copy into (created if missing; existing files are never overwritten)")
+    add_json(p)
+    p.set_defaults(func=cmd_copy_library)
+
     p = sub.add_parser("set-flag", help="set an op type's precision_reduce flag to true (white) or false (black)")
     p.add_argument("op", metavar="OP")
     p.add_argument("flag", choices=["true", "false"])
@@ -429,6 +497,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_json(p)
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("audit", help="run a TensorFlow graph once and compare the dtype each op executed with to the plan")
+    p.add_argument("model", help=".pb / .pbtxt GraphDef (frozen) or SavedModel folder")
+    p.add_argument("--feed", action="append", default=[], metavar="NAME=SHAPE",
+                   help="a placeholder's shape, e.g. x=2,8 (values are seeded random numbers; default: the placeholder's "
+                        "own shape, unknown dims 2)")
+    p.add_argument("--fetch", action="append", metavar="NODE", help="node to run (default: the model's outputs)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random feeds (default 0)")
+    p.add_argument("--onednn", action="store_true",
+                   help="also run once with ONEDNN_VERBOSE=1 (a subprocess) and report the oneDNN kernels, reference "
+                        "fallbacks included")
+    p.add_argument("-o", "--output", help="write AUDIT.json (precision_policy.report.schema) to this file")
+    p.add_argument("--ranges", metavar="RANGES.json", help="also measure value ranges per op on the same feeds and write them here")
+    p.add_argument("--overflow", action="store_true",
+                   help="also run the float32 graph beside the converted one and name the first node that overflows")
+    p.add_argument("--strict", action="store_true", help="exit 1 when an op ran in another dtype than planned")
+    add_mode_args(p)
+    p.set_defaults(func=cmd_audit)
+
     p = sub.add_parser("schema", help="print the JSON Schema of the op-info format")
     p.set_defaults(func=cmd_schema)
     return parser
@@ -440,6 +526,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.verbose else logging.ERROR, format="%(levelname)s: %(message)s")
     if getattr(args, "mode", None) and getattr(args, "mode_v2", None):
         parser.error("--mode and --mode-v2 are both set; give one (precision_mode and precision_mode_v2 exclude each other)")
+    from precision_policy import fileio
+
+    fileio.max_input_bytes = args.max_input_bytes
     try:
         return args.func(args)
     except PrecisionError as exc:

@@ -289,9 +289,10 @@ def test_audit_and_ranges_are_shown_on_the_graph_and_in_tables(tmp_path: Path):
 
 def test_audit_and_ranges_schemas_are_strict_and_documented(tmp_path: Path):
     schemas = json_schemas()
-    assert set(schemas["audit"]["$defs"]["AuditEntry"]["properties"]) == {"node", "op", "planned", "executed", "kernel", "mismatch"}
+    assert set(schemas["audit"]["$defs"]["AuditEntry"]["properties"]) == {"node", "op", "planned", "executed", "kernel", "mismatch",
+                                                                          "note"}
     range_fields = set(schemas["ranges"]["$defs"]["RangeEntry"]["properties"])
-    assert {"max_abs", "frac_below_min_normal", "frac_above_max", "suggestion"} <= range_fields
+    assert {"max_abs", "frac_below_min_normal", "frac_above_max", "suggestion", "nonfinite"} <= range_fields
     plan = pp.plan(EXAMPLES / "conv2d_bias_relu.json", pp.RunConfig(precision_mode="allow_mix_precision", op_info="ascend910"))
     bad = tmp_path / "ranges.json"
     bad.write_text(json.dumps({"format": "precision_policy.ranges", "version": 1,

@@ -35,7 +35,15 @@ from pathlib import Path
 
 from precision_policy.errors import OpInfoError
 from precision_policy.fileio import atomic_write, locked_edit, read_input_text
-from precision_policy.opinfo.library import library_files, parse_library_json, parse_library_text, resolve_library_path
+from precision_policy.opinfo.library import (
+    is_shipped,
+    library_files,
+    parse_library_json,
+    parse_library_text,
+    resolve_library_path,
+    shipped_libraries,
+    shipped_root,
+)
 from precision_policy.opinfo.schema import OP_NAME
 
 _WS = re.compile(r"[ \t\n\r]*")
@@ -203,6 +211,7 @@ def set_flag(spec: str | Path, op: str, flag: str | bool | None, *, add: bool = 
         new_flag = None
     else:
         raise OpInfoError(f"flag must be 'true', 'false' or None (remove), got {flag!r}", op=op, field=FIELD)
+    _refuse_shipped(spec)
     path = _target_file(spec, op, creating=new_flag is not None)
     with locked_edit(path) as target:  # read under the lock: a concurrent edit's change is in what we read
         text = _read(path)
@@ -276,6 +285,59 @@ def _edit_text(path: Path, text: str, data: dict, op: str, new_flag: str | None)
         else:
             new_text = _insert_member(text, op_brace, FIELD, json.dumps({"flag": new_flag}))
     return EditResult(path, op, old_flag, new_flag, created), new_text
+
+
+def _refuse_shipped(spec: str | Path) -> None:
+    path = resolve_library_path(spec)
+    if is_shipped(path):
+        root = Path(os.path.realpath(shipped_root()))
+        name = Path(os.path.realpath(path)).relative_to(root).parts[0] if Path(os.path.realpath(path)) != root else "NAME"
+        raise OpInfoError(f"is a library shipped with precision_policy, read-only to editors (an upgrade would undo "
+                          f"the edit, and every user of this installation would get it): copy it out with "
+                          f"`precision-policy copy-library {name} my-ops/` and edit the copy (--op-info my-ops/)",
+                          file=path)
+
+
+def copy_library(name: str, dest: str | Path) -> list[Path]:
+    """Copy the shipped library ``name`` into the folder ``dest`` (created if missing), to edit it there.
+
+    Existing files in ``dest`` are never overwritten (an error names them). Returns the files written.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> from precision_policy.opinfo.edit import copy_library
+        >>> files = copy_library("ascend910", pathlib.Path(tempfile.mkdtemp()) / "my-ops")
+        >>> [f.suffix for f in files][:1]
+        ['.json']
+    """
+    from precision_policy import fileio
+
+    names = shipped_libraries()
+    if name not in names:
+        import difflib
+
+        close = difflib.get_close_matches(str(name), names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise OpInfoError(f"no shipped library {name!r}{hint} (shipped: {', '.join(names)})", file=str(name))
+    src_files = library_files(shipped_root() / name)
+    out = Path(dest)
+    if out.exists() and not out.is_dir():
+        raise OpInfoError("exists and is not a folder; name a folder to copy the library into", file=out)
+    clash = [out / f.name for f in src_files if os.path.lexists(out / f.name)]
+    if clash:
+        raise OpInfoError(f"would overwrite {', '.join(str(c) for c in clash[:5])}; choose an empty or new folder",
+                          file=out)
+    written = []
+    if not out.exists():
+        with fileio.new_folder(out) as tmp:
+            for f in src_files:
+                fileio.atomic_write(tmp / f.name, fileio.read_input(f, OpInfoError))
+        written = [out / f.name for f in src_files]
+    else:
+        for f in src_files:
+            fileio.atomic_write(out / f.name, fileio.read_input(f, OpInfoError))
+            written.append(out / f.name)
+    return written
 
 
 def _not_in_library(path: Path, op: str, data: dict) -> str:

@@ -18,6 +18,8 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -262,28 +264,45 @@ def shipped_libraries() -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "aliases" and any(p.glob("*.json")))
 
 
+_LIBRARY_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
 def resolve_library_path(spec: str | Path) -> Path:
-    """A path that exists, or the name of a shipped library (``ascend910`` or ``opinfo_db/ascend910``)."""
-    if not str(spec).strip():  # Path("") would be the current folder
+    """A library's file or folder: a path names a path; a bare name (``ascend910``) a shipped library.
+
+    A spec containing a path separator, or ``.``/``..``, is only ever a path: it is never looked
+    up inside the package (``../opinfo_db/x`` does not reach the shipped files by accident).
+    A bare name that is also a file or folder in the working directory is that path.
+    """
+    text = str(spec)
+    if not text.strip():  # Path("") would be the current folder
         raise OpInfoError("the op-info library is named by an empty string; name a file, folder or shipped library "
-                          f"(shipped: {', '.join(shipped_libraries()) or '(none found)'})", file=repr(str(spec)))
-    p = Path(spec).expanduser()
-    if p.exists():
+                          f"(shipped: {', '.join(shipped_libraries()) or '(none found)'})", file=repr(text))
+    if "\x00" in text:
+        raise OpInfoError("the op-info library path contains a NUL byte", file=repr(text))
+    p = Path(text).expanduser()
+    if os.path.lexists(p):
         return p
-    name = p.name if (len(p.parts) == 2 and p.parts[0] == "opinfo_db") else str(spec)
-    shipped = shipped_root() / name
-    if shipped.exists() and name != "aliases":
-        return shipped
     names = shipped_libraries()
+    is_name = bool(_LIBRARY_NAME.match(text)) and text not in (".", "..")
+    if is_name and text in names:
+        return shipped_root() / text
     import difflib
 
-    close = difflib.get_close_matches(str(spec), names, n=1)
+    close = difflib.get_close_matches(text, names, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
+    what = "no such file or folder" if not is_name else "not a file or folder, and not a shipped library"
     raise OpInfoError(
-        f"no such op-info library: not a file or folder, and not a shipped library.{hint} "
-        f"Shipped libraries: {', '.join(names) or '(none found)'}",
-        file=str(spec),
+        f"no such op-info library: {what}.{hint} Shipped libraries (by name): {', '.join(names) or '(none found)'}",
+        file=text,
     )
+
+
+def is_shipped(path: Path) -> bool:
+    """Whether ``path`` (a file or folder) lies inside the shipped libraries (read-only to editors)."""
+    root = Path(os.path.realpath(shipped_root()))
+    real = Path(os.path.realpath(path))
+    return real == root or root in real.parents
 
 
 def library_files(path: Path) -> list[Path]:

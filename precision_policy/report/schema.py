@@ -12,7 +12,8 @@ AUDIT.json -- what each op actually ran in, against the plan::
        {"node": "encoder.3.fc2", "op": "MatMulV2",       (op: optional)
         "planned": "bfloat16", "executed": "float32",    (compute dtypes; null: none / did not run)
         "kernel": "gemm:jit:f32",                        (optional: the kernel that ran)
-        "mismatch": "fast path ran in float32"}]}        (null or absent when the op ran as planned)
+        "mismatch": "fast path ran in float32",          (null or absent when the op ran as planned)
+        "note": null}]}                                  (optional: e.g. "float16 emulated, as planned")
 
 RANGES.json -- value ranges seen per op over one or more batches, against a low dtype::
 
@@ -24,7 +25,8 @@ RANGES.json -- value ranges seen per op over one or more batches, against a low 
         "max_abs": 120000.0,                             (max |x| of the op's output)
         "frac_below_min_normal": 0.0012,                 (fraction of nonzero values below its smallest normal)
         "frac_above_max": 0.0001,                        (fraction above its largest finite value)
-        "suggestion": "keep_dtype: encoder.3.fc2"}]}     (optional: the fix, e.g. a keep_dtype line)
+        "suggestion": "keep_dtype: encoder.3.fc2",       (optional: the fix, e.g. a keep_dtype line)
+        "nonfinite": 0}]}                                (optional: inf/NaN values in the output)
 
 Example:
     >>> from precision_policy.report.schema import AuditFile
@@ -61,6 +63,7 @@ class AuditEntry(_Strict):
     executed: str | None = Field(description="compute dtype it ran with (null: it did not run)")
     kernel: str | None = Field(None, description="kernel that ran (optional)")
     mismatch: str | None = Field(None, description="what differs from the plan, in words; null when it ran as planned")
+    note: str | None = Field(None, description="what is expected although it looks different (emulated float16)")
 
 
 class AuditFile(_Strict):
@@ -85,6 +88,7 @@ class RangeEntry(_Strict):
     frac_below_min_normal: float = Field(ge=0, le=1, description="fraction of nonzero values below the dtype's smallest normal")
     frac_above_max: float = Field(ge=0, le=1, description="fraction of values above the dtype's largest finite value")
     suggestion: str | None = Field(None, description="suggested fix, e.g. a keep_dtype line")
+    nonfinite: int = Field(0, ge=0, description="inf/NaN values in the op's output")
 
     @property
     def overflows(self) -> bool:

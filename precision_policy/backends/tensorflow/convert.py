@@ -131,6 +131,10 @@ def _read_pb(path: Path) -> graph_pb2.GraphDef:
             gd.ParseFromString(data)
     except (message.DecodeError, text_format.ParseError, UnicodeDecodeError) as exc:
         raise GraphError(f"not a TensorFlow GraphDef: {exc}", file=path) from None
+    if path.suffix != ".pbtxt" and gd.node and not gd.HasField("versions"):
+        # protobuf parses any prefix that ends between two nodes; TensorFlow writes ``versions`` after the nodes
+        raise GraphError(f"looks truncated: it parses as {len(gd.node)} node(s) but has no 'versions' field, which "
+                         "TensorFlow writes after the nodes of every GraphDef; copy or export the file again", file=path)
     return gd
 
 

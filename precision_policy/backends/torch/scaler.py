@@ -75,6 +75,8 @@ class LossScaler:
         self._names: dict[int, str] = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
         self._per_optimizer: dict[int, dict[str, Any]] = {}
         self.last_overflow: list[str] = []
+        self.last_overflow_op: Any = None  # the OverflowReport of the last locate_overflow()
+        self._skipped_scale: float | None = None  # the scale of the last skipped step
         self._warned = False  # a skipped step was already logged at WARNING at the current scale
 
     # ------------------------------------------------------------------ GradScaler's shape
@@ -172,6 +174,7 @@ class LossScaler:
         info["stage"] = _STEPPED
         if info["found_inf"]:
             self.last_overflow = list(info["bad"])
+            self._skipped_scale = self.state.scale
             where = ", ".join(info["bad"][:8]) or "another rank"
             more = f" and {len(info['bad']) - 8} more" if len(info["bad"]) > 8 else ""
             level = logging.DEBUG if self._warned else logging.WARNING
@@ -196,6 +199,31 @@ class LossScaler:
         if self.state.scale != before:
             self._warned = False  # the next skipped step at the new scale warns again
         self._per_optimizer.clear()
+
+    def locate_overflow(self, model: torch.nn.Module, inputs: Any, loss_fn: Any, config: Any = None, *,
+                        scale: float | None = None) -> Any:
+        """Which op produced the first inf/nan: run :func:`~precision_policy.torch.find_overflow` on demand.
+
+        Call it after :meth:`step` skipped a step, with the batch's inputs and the loss function
+        (``loss_fn(model(*inputs))``). ``config``: the precision config (default: the one
+        ``prepare()`` gave ``model``); ``scale``: the loss scale to replay (default: the scale of
+        the last skipped step, else the current one). The float32 and planned runs use copies of
+        the model, so its parameters and gradients are untouched. Returns the
+        :class:`~precision_policy.audit.OverflowReport` (also in :attr:`last_overflow_op`) and logs it.
+        """
+        from precision_policy.backends.torch.overflow import find_overflow
+        from precision_policy.errors import ConfigError
+
+        if config is None:
+            config = getattr(model, "_pp_config", None)
+            if config is None:
+                raise ConfigError("locate_overflow needs the precision config: pass config=... (or prepare() the model)")
+        if scale is None:
+            scale = self._skipped_scale if self._skipped_scale is not None else self.get_scale()
+        report = find_overflow(model, inputs, config, loss_fn, scale=scale)
+        self.last_overflow_op = report
+        log.warning("loss scale %g: %s", scale, report.message)
+        return report
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
