@@ -6,7 +6,7 @@ import difflib
 from pathlib import Path
 
 from precision_policy.config import RunConfig
-from precision_policy.errors import OverrideError
+from precision_policy.errors import ConfigError, GraphError, OverrideError
 from precision_policy.graph import OpGraph, load_graph
 from precision_policy.modes.planner import plan as plan_graph
 from precision_policy.plan import CastPlan
@@ -46,6 +46,13 @@ def plan(graph: OpGraph | str | Path, config: RunConfig | None = None, **setting
         ...
         precision_policy.errors.ConfigError: RunConfig.precison_mode: unknown setting; did you mean 'precision_mode'? ...
     """
+    if config is not None and not isinstance(config, RunConfig):
+        raise ConfigError(f"plan: config must be a RunConfig, not {type(config).__name__} (settings go in keywords: "
+                          "plan(graph, precision_mode=...))")
+    if not isinstance(graph, (OpGraph, str, Path)):
+        raise GraphError(f"plan: graph must be an OpGraph or a path to a graph file, not {type(graph).__name__}; "
+                         "framework models go through their backend (precision_policy.torch.trace, "
+                         "precision_policy.tensorflow.to_opgraph)")
     if config is None:
         config = RunConfig(**settings)
     elif settings:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -520,6 +521,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Commands that load TensorFlow (plan/explain only for TF model files).
+_TF_COMMANDS = frozenset({"convert", "audit"})
+_TF_SUFFIXES = (".pb", ".pbtxt")
+
+
+def _needs_tensorflow(args: argparse.Namespace) -> bool:
+    if args.command in _TF_COMMANDS:
+        return True
+    graph = getattr(args, "graph", None)
+    if args.command in ("plan", "explain") and isinstance(graph, str):
+        return graph.endswith(_TF_SUFFIXES) or os.path.isdir(graph)
+    return False
+
+
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its start-up messages (oneDNN, CPU features, absl's pre-init notice, printed
+    twice by TF 2.x) kept off stderr. Only the C-level stderr is redirected, only while the import runs, and
+    the environment is left as it was (TF_CPP_MIN_LOG_LEVEL is set for the import and restored)."""
+    import importlib.util
+
+    if "tensorflow" in sys.modules or importlib.util.find_spec("tensorflow") is None:
+        return
+    saved_env = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 2)
+        finally:
+            os.close(devnull)
+        try:
+            import tensorflow  # noqa: F401
+        except Exception:  # noqa: BLE001 - the command itself reports a broken TensorFlow
+            pass
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
+        if saved_env is None:
+            os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
+        else:
+            os.environ["TF_CPP_MIN_LOG_LEVEL"] = saved_env
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -529,6 +576,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from precision_policy import fileio
 
     fileio.max_input_bytes = args.max_input_bytes
+    if _needs_tensorflow(args):
+        _import_tensorflow_quietly()
     try:
         return args.func(args)
     except PrecisionError as exc:

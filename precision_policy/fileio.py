@@ -93,9 +93,15 @@ def lock_path(path: str | Path) -> Path:
 
 def _os_error(exc: OSError, path: str | Path, what: str = "cannot write") -> WriteError:
     text = exc.strerror or str(exc)
-    parent = Path(path).parent
-    if isinstance(exc, FileNotFoundError) and not parent.is_dir():
+    parent = Path(path).parent if str(Path(path).parent) else Path(".")
+    if isinstance(exc, FileNotFoundError) and not os.path.isdir(parent):
         text = f"folder {parent} does not exist"
+    elif isinstance(exc, PermissionError):
+        blocked = _unreadable_folder(Path(path))
+        if blocked is not None:
+            text = f"folder {blocked} cannot be entered (no execute permission)"
+        elif os.path.isdir(parent) and not os.access(parent, os.W_OK):
+            text = f"folder {parent} is read-only to you (no write permission); write elsewhere or change its permissions"
     return WriteError(f"{what}: {text}; the previous file, if any, is unchanged", file=path)
 
 
@@ -114,13 +120,13 @@ def _flock(lock: Path, shown: str | Path) -> Iterator[bool]:
         try:  # read-only is enough for flock, and lets another user share a lock file the umask made 0644
             fd = os.open(lock, os.O_RDONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
         except OSError as exc:
-            raise _os_error(exc, shown, "cannot lock for editing") from None
+            raise _os_error(exc, shown) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as exc:
             os.close(fd)
             if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                raise _os_error(exc, shown, "cannot lock for editing") from None
+                raise _os_error(exc, shown) from None
             with contextlib.suppress(OSError):
                 os.unlink(lock)
             log.warning("%s: the file system does not support locks (%s); concurrent edits of this file may "

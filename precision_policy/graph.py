@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +136,12 @@ class OpGraph:
             raise GraphError("duplicate node name", file=self.source, node=name)
         if not isinstance(op_type, str) or not op_type:
             raise GraphError("'op' must be a non-empty string", file=self.source, node=name)
+        for what, value in (("inputs", inputs), ("outputs", outputs)):
+            if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+                raise GraphError(f"{what!r} must be a list of strings, not {type(value).__name__} {value!r}"
+                                 + (f" (write [{value!r}])" if isinstance(value, str) else ""), file=self.source, node=name)
+        if attrs is not None and not isinstance(attrs, dict):
+            raise GraphError(f"'attrs' must be a dict, not {type(attrs).__name__}", file=self.source, node=name)
         try:
             outs = tuple(dtypes.canonical(d) for d in outputs)
         except DTypeError as exc:
@@ -156,7 +163,14 @@ class OpGraph:
 
     def set_outputs(self, fetches: Iterable[str]) -> None:
         """Declare the graph's fetches (``"node:port"``); their dtypes are kept by default."""
-        self._fetches = list(fetches)
+        if isinstance(fetches, (str, bytes)) or not isinstance(fetches, Iterable):
+            raise GraphError(f"fetches must be a list of 'node:port' strings, not {type(fetches).__name__} {fetches!r}",
+                             file=self.source)
+        fetches = list(fetches)
+        bad = [f for f in fetches if not isinstance(f, str) or not f]
+        if bad:
+            raise GraphError(f"fetch {bad[0]!r} must be a 'node:port' string", file=self.source)
+        self._fetches = fetches
         self._resolved = None
 
     # ------------------------------------------------------------------ reading
@@ -460,7 +474,7 @@ def load_graph(path: str | Path) -> OpGraph:
         if loader is None:
             raise GraphError(f"reading {fmt.kind} files needs {fmt.missing}", file=p)
         return loader(p)
-    if p.is_dir():
+    if os.path.isdir(p):
         raise GraphError("expected a graph JSON file (or a model directory a backend reads, such as a TensorFlow "
                          "SavedModel)", file=p)
     return OpGraph.from_json(p)

@@ -50,6 +50,10 @@ PLAN_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 
 
+#: ``explain`` shows gray chains of at most this many links whole; longer ones keep their two ends.
+_CHAIN_SHOWN = 20
+
+
 class Cast:
     """One cast to insert: tensor ``src:port`` from ``from_dtype`` to ``to``, shared by its consumers.
 
@@ -295,6 +299,9 @@ class CastPlan:
         lines.append(f"  computes in  : {d.dtype or '-'}{how}  [{status}]")
         lines.append(f"  why          : {d.reason}")
         chain = self._chain(i)
+        if len(chain) > _CHAIN_SHOWN:  # a long chain: its two ends, and how many links lie between
+            half = _CHAIN_SHOWN // 2
+            chain = chain[:half] + [f"... {len(chain) - 2 * half} more ..."] + chain[-half:]
         if len(chain) > 1:
             lines.append("  gray chain   : " + " <- ".join(chain))
         in_casts = {(c.src, c.port, c.to): c for c in self._casts if i in c.consumers}

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from precision_policy.graph import register_graph_format
@@ -19,7 +20,8 @@ from precision_policy.graph import register_graph_format
 
 def is_tensorflow_model(path: Path) -> bool:
     """A TensorFlow GraphDef (``.pb``, ``.pbtxt``) or a SavedModel directory."""
-    return path.suffix in (".pb", ".pbtxt") or (path.is_dir() and (path / "saved_model.pb").exists())
+    # (os.path: a folder this process may not enter is "not a SavedModel" here; reading it names the folder)
+    return path.suffix in (".pb", ".pbtxt") or (os.path.isdir(path) and os.path.exists(path / "saved_model.pb"))
 
 
 register_graph_format(

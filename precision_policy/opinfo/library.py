@@ -283,6 +283,11 @@ def resolve_library_path(spec: str | Path) -> Path:
     p = Path(text).expanduser()
     if os.path.lexists(p):
         return p
+    from precision_policy.fileio import _unreadable_folder
+
+    blocked = _unreadable_folder(p)
+    if blocked is not None:
+        raise OpInfoError(f"cannot read: folder {blocked} cannot be entered (no execute permission)", file=text)
     names = shipped_libraries()
     is_name = bool(_LIBRARY_NAME.match(text)) and text not in (".", "..")
     if is_name and text in names:
@@ -306,7 +311,9 @@ def is_shipped(path: Path) -> bool:
 
 
 def library_files(path: Path) -> list[Path]:
-    if path.is_dir():
+    if os.path.isdir(path):
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise OpInfoError("cannot read: the folder's files cannot be listed (no read/execute permission)", file=path)
         files = sorted(f for f in path.glob("*.json") if f.is_file())
         if not files:
             raise OpInfoError("folder holds no *.json op-info files", file=path)

@@ -3,12 +3,11 @@
 Public as ``precision_policy.tensorflow`` (and ``precision_policy.keras`` for Keras).
 """
 
-import os
+# (Importing this package does not touch the environment: TF's start-up messages are TF's to print. The
+# CLI, whose output is for people, imports TensorFlow quietly itself: precision_policy.cli.)
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ start-up chatter drowns our own output
-
-from precision_policy.backends.tensorflow.audit import audit  # noqa: E402
-from precision_policy.backends.tensorflow.convert import (  # noqa: E402
+from precision_policy.backends.tensorflow.audit import audit
+from precision_policy.backends.tensorflow.convert import (
     ConversionResult,
     convert,
     convert_model,
@@ -18,11 +17,11 @@ from precision_policy.backends.tensorflow.convert import (  # noqa: E402
     rewrite,
     verify_graph_def,
 )
-from precision_policy.backends.tensorflow.graphdef import apply_plan, to_opgraph  # noqa: E402
-from precision_policy.backends.tensorflow.loss_scale import TF1LossScaleOptimizer  # noqa: E402
-from precision_policy.backends.tensorflow.overflow import find_overflow, range_stats  # noqa: E402
-from precision_policy.backends.tensorflow.session import Session  # noqa: E402
-from precision_policy.backends.tensorflow.tune import GraphModel  # noqa: E402
+from precision_policy.backends.tensorflow.graphdef import apply_plan, to_opgraph
+from precision_policy.backends.tensorflow.loss_scale import TF1LossScaleOptimizer
+from precision_policy.backends.tensorflow.overflow import find_overflow, range_stats
+from precision_policy.backends.tensorflow.session import Session
+from precision_policy.backends.tensorflow.tune import GraphModel
 
 LossScaleOptimizer = TF1LossScaleOptimizer  # for session training; Keras: precision_policy.keras.LossScaleOptimizer
 

@@ -296,9 +296,9 @@ def load_model(path: str | Path, tags: Sequence[str] | None = None, *, all_signa
     listed in ``warnings`` (and logged).
     """
     p = Path(path)
-    if p.is_dir():
+    if os.path.isdir(p):
         pb = p / "saved_model.pb"
-        if not pb.exists():
+        if not os.path.exists(pb):
             raise GraphError("a directory must be a SavedModel (holding saved_model.pb)", file=p)
         sm = saved_model_pb2.SavedModel()
         try:
@@ -336,9 +336,7 @@ def load_model(path: str | Path, tags: Sequence[str] | None = None, *, all_signa
             keep = fetches + list(inputs.values()) + _saved_model_nodes(mg)
             gd, warnings = _prepare(gd, keep, p, str(p))
         return LoadedModel(gd, fetches, p, sm, index, inputs, warnings=warnings)
-    if not p.exists():
-        raise GraphError("file not found", file=p)
-    gd = _read_pb(p)
+    gd = _read_pb(p)  # (a missing or unreadable file is named there)
     _check_graph(gd, [], p)
     fetches = _default_fetches(gd)
     warnings = []
