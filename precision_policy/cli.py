@@ -281,7 +281,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     config = _config(args)
     with _Collect(args.verbose, _MODEL_LOGGERS + _WRITE_LOGGERS) as notes:  # the backend may log more than the result carries
         result = convert_model(args.src, args.dst, config, tags=args.tags.split(",") if args.tags else None,
-                               max_const_bytes=args.max_const_bytes)
+                               max_const_bytes=args.max_const_bytes, progress=args.progress)
     plan = result.plan
     warnings = list(result.warnings) + [m for m in notes.messages if m not in result.warnings]
     if args.json:
@@ -483,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-const-bytes", type=_byte_size, default=None, metavar="SIZE",
                    help="largest constant to materialise while converting, e.g. 4G (default 1G; splat constants "
                         "are never materialised)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="a progress bar over the conversion's stages (default: for graphs over 10,000 nodes on a terminal)")
     add_mode_args(p)
     p.set_defaults(func=cmd_convert)
 

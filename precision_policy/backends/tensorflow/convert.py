@@ -34,6 +34,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -804,8 +805,33 @@ def _check_tf2_saved_model(folder: Path, model: LoadedModel, graphs: dict[str, g
                              "(a rewrite bug: please report it)", file=out)
 
 
+#: Graphs with more nodes than this show a progress bar while they convert (when stderr is a terminal).
+PROGRESS_NODES = 10_000
+
+
+class _Stages:
+    """A progress bar over a conversion's stages (load, plan and rewrite, verify, write), or nothing."""
+
+    def __init__(self, enabled: bool, total: int, name: str) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=f"convert {name}", unit="stage", leave=True)
+
+    def done(self, what: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(what)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def convert_model(src: str | Path, dst: str | Path, config: RunConfig, *,
-                  tags: Sequence[str] | None = None, max_const_bytes: int | None = None) -> ConversionResult:
+                  tags: Sequence[str] | None = None, max_const_bytes: int | None = None,
+                  progress: bool | None = None) -> ConversionResult:
     """Convert a model file to ``config``'s precision; every plan made and every warning (see the module doc).
 
     .pb/.pbtxt -> .pb/.pbtxt; a TF1 SavedModel -> a SavedModel or .pb; a TF2 SavedModel -> a
@@ -813,12 +839,27 @@ def convert_model(src: str | Path, dst: str | Path, config: RunConfig, *,
     whole or not at all, and only once it loads in TensorFlow (GraphError otherwise, naming
     the node TensorFlow complained about). An output that is the input (or lies inside it) is
     refused; constants whose converted size exceeds ``max_const_bytes`` are refused before any
-    allocation (splat constants are never materialised).
+    allocation (splat constants are never materialised). ``progress``: a progress bar over the
+    stages (None: for graphs over :data:`PROGRESS_NODES` nodes when stderr is a terminal).
     """
     src_p, out = Path(src), Path(dst)
     to_graph_file = out.suffix in (".pb", ".pbtxt")
     _refuse_output_over_input(src_p, out)
     model = load_model(src_p, tags, all_signatures=not to_graph_file)
+    graph_defs = [sg.graph_def for sg in model.signatures.values()] if model.is_tf2 else [model.graph_def]  # type: ignore[union-attr]
+    nodes = sum(len(gd.node) for gd in graph_defs)
+    if progress is None:
+        progress = nodes > PROGRESS_NODES and sys.stderr.isatty()
+    stages = _Stages(progress, 1 + 2 * len(graph_defs) + 1, src_p.name)
+    stages.done(f"loaded {nodes:,} nodes")
+    try:
+        return _convert_loaded(model, src_p, out, config, to_graph_file, max_const_bytes, stages)
+    finally:
+        stages.close()
+
+
+def _convert_loaded(model: LoadedModel, src_p: Path, out: Path, config: RunConfig, to_graph_file: bool,
+                    max_const_bytes: int | None, stages: _Stages) -> ConversionResult:
     if not to_graph_file and model.saved_model is None and not model.is_tf2:
         raise GraphError(f"a GraphDef ({src_p}) converts to a .pb or .pbtxt file, not to a SavedModel folder: "
                          "name the output with a .pb or .pbtxt suffix (a SavedModel output needs a SavedModel input)",
@@ -846,20 +887,26 @@ def convert_model(src: str | Path, dst: str | Path, config: RunConfig, *,
                 graphs[name], plans[name] = graphs[first], plans[first]
                 continue
             gd, plans[name] = _plan_and_apply(sg.graph_def, config, sg.fetches, f"{src_p.name}:{name}", max_const_bytes)
+            stages.done(f"{name}: planned and rewritten")
             verify_graph_def(gd, sg.fetches + [t for _, t, _ in sg.inputs], file=src_p)
+            stages.done(f"{name}: imports in TensorFlow")
             graphs[name] = gd
         if to_graph_file:
             _write_graph_file(graphs[names[0]], out)
         else:
             _write_tf2_saved_model(model, graphs, src_p, out)
+        stages.done("written")
         return ConversionResult(src_p, out, plans, per_signature=True, warnings=warnings)
     gd, plan = _plan_and_apply(model.graph_def, config, model.fetches, src_p.name, max_const_bytes)
+    stages.done("planned and rewritten")
     plans[src_p.name] = plan
     verify_graph_def(gd, list(model.fetches) + list(model.inputs.values()), file=src_p)
+    stages.done("imports in TensorFlow")
     if to_graph_file:
         _write_graph_file(gd, out)
     else:
         _write_tf1_saved_model(model, gd, src_p, out)
+    stages.done("written")
     return ConversionResult(src_p, out, plans, warnings=warnings)
 
 

@@ -356,7 +356,7 @@ class _Rewriter:
 
     # -- 2. what readers of each tensor get: emulated float16 outputs are rounded once
     def round_emulated(self) -> None:
-        for name in self.emulated:
+        for name in sorted(self.emulated, key=self.index.__getitem__):  # graph order: the same bytes every run
             i = self.index[name]
             outs = self.sig[name][4]
             for port, d in enumerate(self.plan.out_dtypes[i]):
