@@ -15,7 +15,7 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip
 
 $(STAMP): $(PY) pyproject.toml
-	$(PY) -m pip install --quiet -e '.[dev,torch,tensorflow,zoo]' $(PINS)
+	$(PY) -m pip install --quiet -e '.[dev,torch,tensorflow,zoo,demo]' $(PINS)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -24,12 +24,17 @@ demo: $(STAMP)
 	$(PY) examples/demo_core.py
 	$(PY) examples/demo_torch.py
 	$(PY) examples/demo_tf.py
+	$(PY) examples/demo_keras.py
+	$(PY) examples/demo_tune.py
+	@echo "make demo: plots (PNG) and plan reports (HTML) are in demo_out/"
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 
-# two workers (tests/conftest.py: one intra-op thread each; a module's tests stay on one worker, heaviest first)
+# two workers (pytest-xdist): tests/conftest.py groups the tests (a module's on one worker, so its module-scoped
+# models are built once; the zoo by model; the multi-process tests in one group), heaviest groups first, and gives
+# each worker one intra-op thread (two workers on two cores)
 test: lint report-deps
 	$(PY) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder
 

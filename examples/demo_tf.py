@@ -4,6 +4,9 @@
    bfloat16 with our rewrite (as `gen_bf16_pb.py` does with TF's own pass), loaded and served.
 2. A TF1 graph trained with `optimizer.minimize` under `precision_policy.tensorflow.Session`
    and a loss-scale optimizer with Ascend's preset.
+
+Writes the plan reports (HTML) of the conversion and of the TF1 session to demo_out/tf/.
+Keras training under precision modes is part 4, examples/demo_keras.py.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from tensorflow.python.saved_model.signature_def_utils_impl import predict_signa
 
 import precision_policy as pp  # noqa: E402
 from precision_policy.tensorflow import LossScaleOptimizer, Session, convert  # noqa: E402
+
+from demo_plots import out_dir, report, show_files  # noqa: E402
 
 BF16 = pp.RunConfig(precision_mode="allow_mix_precision_bf16", op_info="tf_amp_bf16")
 
@@ -46,11 +51,14 @@ def seed_savedmodel(path: Path) -> np.ndarray:
 def main() -> None:
     logging.basicConfig(level=logging.ERROR)
     tf.get_logger().setLevel("ERROR")  # TF1 APIs warn that they are TF1 APIs
+    folder = out_dir("tf")
+    files: list[Path] = []
     print("\n=== TensorFlow: the seeds' SavedModel conversion " + "=" * 36)
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "model", Path(tmp) / "model_bf16"
         ref = seed_savedmodel(src)
         plan = convert(src, dst, BF16)
+        files.append(report(plan, folder / "report_savedmodel_bf16.html", title="seed SavedModel, allow_mix_precision_bf16"))
         print(f"  {plan.summary()}")
         for d in plan.converted():
             print(f"    {d.name:<10} {d.op_type:<8} {d.dtype:<9} {d.reason}")
@@ -82,6 +90,9 @@ def main() -> None:
             if step % 100 == 0:
                 print(f"  step {step:>3}: loss {value:8.4f}   loss scale {sess.run(opt.scale):.4g}")
         print(f"  plan: {sess.plan.summary()}")
+        files.append(report(sess.plan, folder / "report_tf1_session.html", title="TF1 training graph under Session"))
+
+    show_files(files)
 
 
 if __name__ == "__main__":
