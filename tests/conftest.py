@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +16,76 @@ import precision_policy as pp
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples" / "graphs"
+
+# ---------------------------------------------------------------------- running under pytest-xdist (`make test`: -n 2)
+#: Set in the workers pytest-xdist starts, before this file is imported (and so before torch or TensorFlow is).
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    # two workers on two cores: a second intra-op thread per worker only contends with the other worker.
+    # The subprocesses the tests start inherit these. Inter-op threads are left alone (MirroredStrategy needs them).
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS"):
+        os.environ.setdefault(_var, "1")
+
+#: Tests that must not run at the same time as each other (several processes on local ports, or several replicas, on
+#: the machine's two cores): one group, so one worker runs them one after the other. By node id, because the
+#: controller that hands out the groups sees only node ids.
+SERIAL_GROUP = "distributed"
+SERIAL_TESTS = (
+    "tests/test_tf_distributed.py::",  # MirroredStrategy, two replicas
+    "tests/test_torch_fsdp.py::test_fsdp2_",  # two ranks over gloo
+    "tests/test_torch_loss_scale.py::test_ddp_",  # two ranks over gloo
+)
+#: Modules whose tests are grouped by their parameter, not by module: the module-scoped fixture is parametrized
+#: (one model per parameter), so each model is still built once, and the models spread over both workers.
+SPLIT_BY_PARAM = ("tests/test_tf_zoo.py",)
+
+
+def xdist_group(nodeid: str) -> str:
+    """The group a test runs in under ``-n 2 --dist loadgroup``: one worker runs a group's tests in order."""
+    if nodeid.rfind("@") > nodeid.rfind("]"):  # an older pytest, where xdist's own ``@group`` suffix still works
+        nodeid = nodeid[: nodeid.rfind("@")]
+    if nodeid.startswith(SERIAL_TESTS):
+        return SERIAL_GROUP
+    module = nodeid.split("::", 1)[0]
+    if module in SPLIT_BY_PARAM and nodeid.endswith("]"):
+        return module + "[" + nodeid.rsplit("[", 1)[1]
+    return module  # so a module's module-scoped fixtures (trained models, fp32 baselines) are built once
+
+
+try:
+    from xdist.scheduler import LoadScopeScheduling
+except ImportError:  # pragma: no cover - pytest-xdist is in the dev extra
+    LoadScopeScheduling = None
+
+if LoadScopeScheduling is not None:
+
+    class _GroupScheduling(LoadScopeScheduling):
+        """``--dist loadgroup`` with the groups of :func:`xdist_group`.
+
+        xdist's own loadgroup reads ``xdist_group`` marks by appending ``@group`` to ``item._nodeid``, which
+        pytest 9 no longer reads (node ids live in ``item._id``): every test was its own group, and each
+        worker rebuilt the models of module-scoped fixtures. This scheduler groups by node id instead.
+        """
+
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group(nodeid)
+
+    def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+        if config.getvalue("dist") == "loadgroup":
+            return _GroupScheduling(config, log)
+        return None
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist: the groups heaviest first (a ``slow`` test counts 20, any other 1), so the long ones start
+    early and the two workers finish together (``--no-loadscope-reorder`` keeps this order)."""
+    if not XDIST_WORKER:
+        return
+    weight: dict[str, int] = defaultdict(int)
+    for item in items:
+        weight[xdist_group(item.nodeid)] += 20 if item.get_closest_marker("slow") else 1
+    items.sort(key=lambda item: -weight[xdist_group(item.nodeid)])  # stable: a group's order (fixture params) is kept
 
 
 def op_entry(dtypes: str, flag: str | None = None, heavy: bool = False, n_in: int = 1, n_out: int = 1) -> dict[str, Any]:
@@ -87,3 +161,33 @@ def plan(g: pp.OpGraph, mode: str, lib: Path | str, **kw: Any) -> pp.CastPlan:
 
 def casts(p: pp.CastPlan) -> set[tuple[str, str]]:
     return {(c.tensor, c.to) for c in p.casts}
+
+
+# ---------------------------------------------------------------------- the command, in this process
+def cli_in_process(capsys: pytest.CaptureFixture, *args: str | Path) -> subprocess.CompletedProcess:
+    """``main(ARGS)`` in this process (a subprocess adds nothing here); any exception it lets out fails the test,
+    but the ``SystemExit`` of argparse (``--help``, a usage error), whose code is the exit code."""
+    from precision_policy.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out.out, out.err)
+
+
+Cli = Callable[..., subprocess.CompletedProcess]
+
+
+@pytest.fixture
+def cli_main(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> Cli:
+    """``python -m precision_policy ARGS`` in this process: ``main(ARGS)`` as test_cli's ``cli`` runs it in a
+    child, from the repository folder and without TF's AMP list variables. For the tests whose point is a
+    command's output, exit code or files; other tests run every command at least once as a real process."""
+    for name in list(os.environ):
+        if name.startswith("TF_AUTO_MIXED_PRECISION_GRAPH_REWRITE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(REPO)
+    return lambda *args: cli_in_process(capsys, *args)

@@ -172,7 +172,7 @@ def test_tf1_training_graph_trains_under_a_session_drop_in():
     assert applies and all(d.dtype in (None, "float32") for d in applies)
 
 
-def test_cli_convert_savedmodel_serves(tmp_path):
+def test_cli_convert_savedmodel_serves(tmp_path, cli_main):
     import subprocess
     import sys
 
@@ -187,8 +187,7 @@ def test_cli_convert_savedmodel_serves(tmp_path):
         mg = tf.compat.v1.saved_model.loader.load(sess, ["myTag"], str(dst))
         out = sess.run(mg.signature_def["predict"].outputs["myOutput"].name)
     assert out.dtype == np.float32 and np.allclose(out, ref, atol=0.25, rtol=0.02)
-    r = subprocess.run([sys.executable, "-m", "precision_policy", "convert", str(src), str(dst),
-                        "--mode", "allow_mix_precision_bf16", "--op-info", "tf_amp_bf16"], capture_output=True, text=True)
+    r = cli_main("convert", src, dst, "--mode", "allow_mix_precision_bf16", "--op-info", "tf_amp_bf16")  # in this process
     assert r.returncode == 2 and "already exists" in r.stderr
 
 
@@ -214,9 +213,8 @@ def test_float16_is_emulated_by_default_and_native_on_request():
     assert got.dtype == np.float32 and np.allclose(got, ref, atol=2e-2, rtol=1e-2)
 
 
-def test_cli_plans_and_explains_a_frozen_pb(tmp_path):
-    import subprocess
-    import sys
+def test_cli_plans_and_explains_a_frozen_pb(tmp_path, cli_main):
+    """In this process: test_cli_convert_savedmodel_serves runs ``convert`` as a real process, test_cli the others."""
 
     def fn():
         x = tf.compat.v1.placeholder(tf.float32, [4, 8], name="x")
@@ -225,19 +223,15 @@ def test_cli_plans_and_explains_a_frozen_pb(tmp_path):
 
     pb = tmp_path / "frozen.pb"
     pb.write_bytes(build(fn).SerializeToString())
-    base = [sys.executable, "-m", "precision_policy"]
-    r = subprocess.run(base + ["plan", str(pb), "--mode", "mixed_bfloat16", "--op-info", "tf_amp_bf16"],
-                       capture_output=True, text=True)
+    r = cli_main("plan", pb, "--mode", "mixed_bfloat16", "--op-info", "tf_amp_bf16")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Converted 2/4 nodes to bfloat16")
-    r = subprocess.run(base + ["explain", str(pb), "mm", "--mode", "mixed_bfloat16", "--op-info", "tf_amp_bf16"],
-                       capture_output=True, text=True)
+    r = cli_main("explain", pb, "mm", "--mode", "mixed_bfloat16", "--op-info", "tf_amp_bf16")
     assert r.returncode == 0 and "white-list" in r.stdout
     out = tmp_path / "bf16.pbtxt"
-    r = subprocess.run(base + ["convert", str(pb), str(out), "--mode", "mixed_bfloat16", "--op-info", "tf_amp_bf16"],
-                       capture_output=True, text=True)
+    r = cli_main("convert", pb, out, "--mode", "mixed_bfloat16", "--op-info", "tf_amp_bf16")
     assert r.returncode == 0 and 'op: "Cast"' in out.read_text()
     bad = tmp_path / "bad.pb"
     bad.write_bytes(b"\x00not a graph")
-    r = subprocess.run(base + ["plan", str(bad)], capture_output=True, text=True)
+    r = cli_main("plan", bad)
     assert r.returncode == 2 and "bad.pb" in r.stderr and "Traceback" not in r.stderr

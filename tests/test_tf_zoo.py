@@ -33,6 +33,7 @@ def rel_error(y: np.ndarray, ref: np.ndarray) -> float:
     return float(np.linalg.norm(y.astype(np.float64) - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
+# under xdist (`make test`), tests/conftest.py groups these tests by model: each model is built and baselined once
 @pytest.fixture(scope="module", params=sorted(ZOO))
 def model(request):
     frozen = build(request.param)

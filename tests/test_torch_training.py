@@ -19,7 +19,7 @@ from demo_torch import train  # noqa: E402  (the loop `make demo` runs)
 
 @pytest.fixture(scope="module")
 def fp32_accuracy() -> float:
-    return train(None)[0]
+    return train("fp32", None).accuracy
 
 
 @pytest.mark.slow
@@ -33,5 +33,7 @@ def fp32_accuracy() -> float:
 )
 def test_digits_cnn_trains_within_one_point_of_fp32(config, fp32_accuracy):
     assert fp32_accuracy > 95
-    acc, _ = train(config)
-    assert acc >= fp32_accuracy - 1.0, (acc, fp32_accuracy)
+    run = train(config.precision_mode or "mode", config)
+    assert run.accuracy >= fp32_accuracy - 1.0, (run.accuracy, fp32_accuracy)
+    if config.mode.low == "float16":  # prepare() gave the float16 mode a dynamic loss scaler, and it stepped
+        assert run.scales and not all(run.skipped)
