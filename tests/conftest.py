@@ -38,6 +38,10 @@ SERIAL_TESTS = (
 #: Modules whose tests are grouped by their parameter, not by module: the module-scoped fixture is parametrized
 #: (one model per parameter), so each model is still built once, and the models spread over both workers.
 SPLIT_BY_PARAM = ("tests/test_tf_zoo.py",)
+#: Modules of independent, subprocess-heavy tests with cheap fixtures: each test is its own group, so they spread
+#: over both workers instead of queueing on one.
+SPLIT_BY_TEST = ("tests/test_hostile_inputs.py", "tests/test_demo_outputs.py", "tests/test_files.py",
+                 "tests/test_audit_tf.py")
 
 
 def xdist_group(nodeid: str) -> str:
@@ -47,6 +51,8 @@ def xdist_group(nodeid: str) -> str:
     if nodeid.startswith(SERIAL_TESTS):
         return SERIAL_GROUP
     module = nodeid.split("::", 1)[0]
+    if module in SPLIT_BY_TEST:
+        return nodeid
     if module in SPLIT_BY_PARAM and nodeid.endswith("]"):
         return module + "[" + nodeid.rsplit("[", 1)[1]
     return module  # so a module's module-scoped fixtures (trained models, fp32 baselines) are built once

@@ -1,4 +1,5 @@
-"""`make demo`'s files: PNG plots written by matplotlib, plan reports, the tuning result (real subprocesses).
+"""`make demo`'s scripts run, say what they should, and write their files: PNG plots written by matplotlib,
+plan reports, the tuning result (real subprocesses).
 
 The demos run with ``PP_DEMO_EPOCHS=1`` (one epoch per mode instead of the demo's default) and
 ``PP_DEMO_OUT`` pointing at a temporary folder, so the check is quick and leaves demo_out/ alone.
@@ -67,8 +68,11 @@ def files_listed(stdout: str) -> list[str]:
     return [line.strip() for line in stdout.split("files written:", 1)[1].splitlines() if line.strip()]
 
 
-def test_core_demo_writes_plan_reports(tmp_path):
+def test_core_demo_plans_every_mode_on_both_libraries_and_writes_plan_reports(tmp_path):
     out = run("demo_core.py", tmp_path)
+    assert out.count("conv2d_bias_relu") >= 16 and "op-info library ascend910b" in out
+    assert "precision error: myConv (Conv2D): no float32 kernel" in out  # must_keep_origin_dtype on ascend910
+    assert "explain myConv" in out and "cube op (heavyOp)" in out
     reports = sorted((tmp_path / "core").glob("report_*.html"))
     assert len(reports) == 4
     for path in reports:
@@ -109,9 +113,12 @@ def test_tune_demo_shows_the_table_and_saves_the_result(tmp_path):
 
 
 @pytest.mark.slow
-def test_tf_demo_writes_plan_reports(tmp_path):
+def test_tensorflow_demo_converts_serves_trains_and_writes_plan_reports(tmp_path):
     pytest.importorskip("tensorflow")
     out = run("demo_tf.py", tmp_path)
+    assert "Converted 4/68 nodes to bfloat16" in out and "served: float32 (1, 28, 28, 32)" in out
+    losses = [float(line.split("loss")[1].split()[0]) for line in out.splitlines() if line.strip().startswith("step")]
+    assert len(losses) == 4 and losses[-1] < losses[0] * 0.01
     for name in ("savedmodel_bf16", "tf1_session"):
         check_report(tmp_path / "tf" / f"report_{name}.html")
     assert len(files_listed(out)) == 2

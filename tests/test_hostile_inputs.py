@@ -240,32 +240,27 @@ def test_saved_model_without_variables_says_what_is_missing(tf1_saved_model, tmp
     assert _listing(tmp_path) == ["sm"]
 
 
-def test_outputs_get_the_umasks_modes(pb, tf1_saved_model, tmp_path):
-    def run(*args: object) -> None:
-        proc = subprocess.run([sys.executable, "-c", "import os, sys; os.umask(0o022); from precision_policy.cli import "
-                               "main; sys.exit(main(sys.argv[1:]))", *map(str, args)], capture_output=True, text=True,
-                              cwd=REPO, env=_env(), timeout=300)
-        assert proc.returncode == 0, proc.stderr
-
-    run("convert", pb, tmp_path / "o.pb", *MODE)
-    run("convert", tf1_saved_model, tmp_path / "o_sm", *MODE)
-    assert (tmp_path / "o.pb").stat().st_mode & 0o777 == 0o644
-    assert (tmp_path / "o_sm").stat().st_mode & 0o777 == 0o755
-    assert (tmp_path / "o_sm" / "saved_model.pb").stat().st_mode & 0o777 == 0o644
-
-
 # ---------------------------------------------------------------------- convert 7: deterministic bytes
-def test_convert_output_is_byte_deterministic_across_hash_seeds(pb, tf1_saved_model, tmp_path):
+def test_convert_output_is_byte_deterministic_across_hash_seeds_and_gets_the_umasks_modes(pb, tf1_saved_model, tmp_path):
     outs = []
-    for seed in ("1", "2"):
-        out = tmp_path / f"o{seed}.pb"
-        sm = tmp_path / f"sm{seed}"
-        for src, dst in ((pb, out), (tf1_saved_model, sm)):
-            # float16 on the CPU is emulated: the rounding Casts it adds are placed in graph order, not set order
-            proc = cli("convert", src, dst, "--mode", "force_fp16", "--op-info", "ascend910", env=_env(PYTHONHASHSEED=seed))
-            assert proc.returncode == 0, proc.stderr
-        outs.append((out.read_bytes(), (sm / "saved_model.pb").read_bytes()))
+    old_umask = os.umask(0o022)  # the children inherit it
+    try:
+        for seed in ("1", "2"):
+            out = tmp_path / f"o{seed}.pb"
+            sm = tmp_path / f"sm{seed}"
+            for src, dst in ((pb, out), (tf1_saved_model, sm)):
+                # float16 on the CPU is emulated: the rounding Casts it adds are placed in graph order, not set order
+                proc = cli("convert", src, dst, "--mode", "force_fp16", "--op-info", "ascend910",
+                           env=_env(PYTHONHASHSEED=seed))
+                assert proc.returncode == 0, proc.stderr
+            outs.append((out.read_bytes(), (sm / "saved_model.pb").read_bytes()))
+    finally:
+        os.umask(old_umask)
     assert outs[0] == outs[1]
+    # like anything TF writes: the umask's modes, not a temporary file's 600 or folder's 700
+    assert (tmp_path / "o1.pb").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "sm1").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "sm1" / "saved_model.pb").stat().st_mode & 0o777 == 0o644
 
 
 # ---------------------------------------------------------------------- pin 9: names
