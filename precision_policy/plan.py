@@ -153,6 +153,7 @@ class CastPlan:
         casts: list[Cast],
         identity: set[int],
         reasons: list[str] | None = None,
+        input_refs: list[tuple[str, ...]] | None = None,
         unknown: dict[str, list[str]],
         warnings: list[str],
         keep_output_dtype: bool = True,
@@ -179,6 +180,7 @@ class CastPlan:
         self.rules: list[Rule | None] = [w.rule if w is not None else None for w in self.whys]
         self.followed: list[str | None] = [w.followed if w is not None else None for w in self.whys]
         self._reasons = reasons  # the text a version-1/2 file stored; else rendered from whys on demand
+        self._input_refs = input_refs  # each node's data inputs, as a plan JSON recorded them (else from the graph)
         self._casts = casts
         self.identity = identity
         self.unknown = unknown
@@ -201,6 +203,17 @@ class CastPlan:
                 for i, w in enumerate(self.whys)
             ]
         return self._reasons
+
+    def input_refs(self) -> list[tuple[str, ...]] | None:
+        """Each node's data inputs as ``node:port``: from the graph, or as the plan JSON recorded them (None: neither).
+
+        Plan JSON (version 3) records them as each node's ``from``, so a report drawn from the file alone
+        has every edge of the graph.
+        """
+        if self._input_refs is None and self.graph is not None:
+            names = self.graph.names
+            self._input_refs = [tuple(f"{names[j]}:{p}" for j, p in ins) for ins in self.graph.resolve().data_inputs]
+        return self._input_refs
 
     def why(self, name: str) -> Why | None:
         """The structured reason of node ``name`` (None for a plan read from a version-1 file)."""
@@ -370,6 +383,7 @@ class CastPlan:
     def to_dict(self) -> dict[str, Any]:
         nodes: dict[str, Any] = {}
         reasons = self.reasons
+        refs = self.input_refs()
         for i, name in enumerate(self.names):
             entry: dict[str, Any] = {
                 "op": self.op_types[i],
@@ -379,6 +393,8 @@ class CastPlan:
                 "outputs": list(self.out_dtypes[i]),
                 "reason": reasons[i],
             }
+            if refs is not None:
+                entry["from"] = list(refs[i])
             why = self.whys[i]
             if why is not None:
                 entry.update(why.to_dict())
@@ -450,6 +466,7 @@ class CastPlan:
                 out_dtypes=[tuple(e["outputs"]) for e in nodes],
                 whys=whys,
                 reasons=None if version >= 3 else [str(e["reason"]) for e in nodes],
+                input_refs=[tuple(str(r) for r in e["from"]) for e in nodes] if all("from" in e for e in nodes) else None,
                 casts=casts,
                 identity={i for i, e in enumerate(nodes) if e.get("identity")},
                 unknown={k: list(v) for k, v in data.get("unknown_ops", {}).items()},

@@ -324,10 +324,14 @@ def test_plan_json_without_graph_draws_the_edges_it_names(tmp_path: Path):
     plan = pp.plan(EXAMPLES / "transformer_encoder_block.json", pp.RunConfig(precision_mode="allow_mix_precision", op_info="ascend910"))
     path = tmp_path / "plan.json"
     plan.to_json(path)
-    alone = build_model(pp.CastPlan.from_json(path))
     full = build_model(pp.CastPlan.from_json(path), pp.load_graph(EXAMPLES / "transformer_encoder_block.json"))
-    assert not alone.edges_complete and full.edges_complete
-    assert set(alone.edges) < set(full.edges) and full.edges == build_model(plan).edges
+    recorded = build_model(pp.CastPlan.from_json(path))  # plan JSON v3 records each node's inputs ("from")
+    assert recorded.edges_complete and full.edges_complete and recorded.edges == full.edges == build_model(plan).edges
+    doc = json.loads(path.read_text())
+    for node in doc["nodes"].values():  # a plan written before the inputs were recorded
+        del node["from"]
+    alone = build_model(pp.CastPlan.from_dict(doc))
+    assert not alone.edges_complete and set(alone.edges) < set(full.edges)
 
 
 def test_bad_inputs_and_writes_raise_typed_errors(tmp_path: Path):
@@ -357,11 +361,16 @@ def test_cli_report_from_plan_json_with_graph_audit_and_ranges(tmp_path: Path):
     assert f"wrote {out}: 195 ops, layout " in r.stdout
     html = out.read_text(encoding="utf-8")
     assert 'id="audit"' in html and 'id="ranges"' in html and bad in html
-    r = cli("report", plan_file, "-o", out, "--json")
+    r = cli("report", plan_file, "-o", out, "--json")  # the plan JSON alone: it records every node's inputs
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert doc["nodes"] == 195 and doc["edges_complete"] is False and doc["path"] == str(out)
-    assert any("does not record the graph's edges" in n for n in doc["notes"])
+    assert doc["nodes"] == 195 and doc["edges_complete"] is True and doc["path"] == str(out)
+    old = json.loads(plan_file.read_text())
+    for node in old["nodes"].values():  # a plan JSON without them (written before version 3 recorded them)
+        node.pop("from")
+    plan_file.write_text(json.dumps(old))
+    doc = json.loads(cli("report", plan_file, "-o", out, "--json").stdout)
+    assert doc["edges_complete"] is False and any("does not record the graph's edges" in n for n in doc["notes"])
 
 
 def test_cli_report_bad_input_exits_2_naming_the_file(tmp_path: Path):

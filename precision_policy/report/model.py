@@ -73,9 +73,24 @@ class ReportModel:
     overview_casts: list[list[int]]
 
 
+def _recorded_edges(plan: CastPlan) -> list[tuple[int, int]] | None:
+    """The edges of the node inputs a plan JSON recorded (``from``; plans since version 3)."""
+    refs = plan.input_refs()
+    if refs is None:
+        return None
+    index = {n: i for i, n in enumerate(plan.names)}
+    edges: set[tuple[int, int]] = set()
+    for dst, ins in enumerate(refs):
+        for ref in ins:
+            src = index.get(ref.rpartition(":")[0] or ref)
+            if src is not None and src != dst:
+                edges.add((src, dst))
+    return sorted(edges)
+
+
 def _graph_edges(plan: CastPlan, graph: OpGraph | None) -> list[tuple[int, int]] | None:
     if graph is None:
-        return None
+        return _recorded_edges(plan)
     index = {n: i for i, n in enumerate(plan.names)}
     res = graph.resolve()
     gnames = graph.names
