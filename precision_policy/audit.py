@@ -189,12 +189,7 @@ class AuditResult:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The AUDIT.json text; written atomically to ``path`` when given."""
-        import json
-
-        text = json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n"
-        if path is not None:
-            atomic_write(path, text)
-        return text
+        return _json_text(self.to_dict(), path)
 
     def kernel_summary(self) -> list[str]:
         """oneDNN kernels by (kind, impl, dtypes), with counts, reference fallbacks marked."""
@@ -380,12 +375,8 @@ class RangeResult:
                 "nodes": [r.to_entry() for r in self.rows]}
 
     def to_json(self, path: str | Path | None = None) -> str:
-        import json
-
-        text = json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n"
-        if path is not None:
-            atomic_write(path, text)
-        return text
+        """The RANGES.json text; written atomically to ``path`` when given."""
+        return _json_text(self.to_dict(), path)
 
     def table(self) -> str:
         lines = [r.message + (f"  -> {r.suggestion}" if r.suggestion else "") for r in self.rows
@@ -400,3 +391,13 @@ class RangeResult:
 
 __all__ = ["EMULATED_NOTE", "LIMITS", "AuditResult", "AuditRow", "Kernel", "OverflowReport", "RangeResult", "RangeRow",
            "TensorStats"]
+
+
+def _json_text(doc: dict[str, Any], path: str | Path | None) -> str:
+    """``doc`` as indented JSON text, written atomically to ``path`` when given."""
+    import json
+
+    text = json.dumps(doc, indent=1, ensure_ascii=False) + "\n"
+    if path is not None:
+        atomic_write(path, text)
+    return text

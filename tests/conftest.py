@@ -197,3 +197,12 @@ def cli_main(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> 
             monkeypatch.delenv(name)
     monkeypatch.chdir(REPO)
     return lambda *args: cli_in_process(capsys, *args)
+
+
+def refused(proc: subprocess.CompletedProcess, *words: str) -> str:
+    """The CLI process exited 2 with a one-line error (no traceback) containing ``words``; its stderr."""
+    assert proc.returncode == 2, f"exit {proc.returncode}\nstdout:{proc.stdout}\nstderr:{proc.stderr}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for w in words:
+        assert w in proc.stderr, f"{w!r} not in: {proc.stderr}"
+    return proc.stderr

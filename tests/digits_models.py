@@ -8,8 +8,10 @@ Shared by tests/test_tune_torch.py and tests/test_inc.py.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 OFFSET = 2.0**14
@@ -72,3 +74,25 @@ def make_sensitive(model: torch.nn.Sequential) -> torch.nn.Sequential:
     with torch.no_grad():
         model[-1].bias += OFFSET
     return model
+
+
+# ---------------------------------------------------------------------- fixtures (imported by the test modules)
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread while a module's tests run: tiny models train much faster on a shared box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits() -> Digits:
+    """The digits CNN trained once per test module."""
+    return train_digits()
+
+
+@pytest.fixture()
+def sensitive(digits: Digits) -> torch.nn.Sequential:
+    """A copy of the trained CNN whose last Linear is bf16-sensitive."""
+    return make_sensitive(copy.deepcopy(digits.model))

@@ -19,6 +19,8 @@ import precision_policy as pp
 from precision_policy.errors import ConfigError, GraphError
 from precision_policy.opinfo.library import shipped_root
 
+from conftest import refused
+
 REPO = Path(__file__).resolve().parent.parent
 GRAPH = REPO / "examples" / "graphs" / "conv2d_bias_relu.json"
 NOBODY = 65534
@@ -48,14 +50,6 @@ def cli(*args: object, cwd: Path | None = None, user: int | None = None, timeout
     cmd = [sys.executable, "-m", "precision_policy"] if user is None else [sys.executable, "-c", _AS_USER, str(user)]
     return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, cwd=cwd or REPO, env=_env(),
                           timeout=timeout)
-
-
-def refused(proc: subprocess.CompletedProcess, *words: str) -> str:
-    assert proc.returncode == 2, f"exit {proc.returncode}\nstdout:{proc.stdout}\nstderr:{proc.stderr}"
-    assert "Traceback" not in proc.stderr, proc.stderr
-    for w in words:
-        assert w in proc.stderr, f"{w!r} not in: {proc.stderr}"
-    return proc.stderr
 
 
 @pytest.fixture

@@ -23,6 +23,8 @@ from google.protobuf import text_format  # noqa: E402
 from tensorflow.core.framework import graph_pb2, types_pb2  # noqa: E402
 from tensorflow.python.framework import convert_to_constants  # noqa: E402
 
+from conftest import refused  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 LIB = REPO / "opinfo_db" / "ascend910"
 MODE = ("--mode", "allow_mix_precision", "--op-info", "ascend910")
@@ -38,15 +40,6 @@ def _env(**extra: str) -> dict[str, str]:
 def cli(*args: str | Path, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "precision_policy", *map(str, args)], capture_output=True, text=True,
                           cwd=REPO, env=env or _env(), timeout=timeout)
-
-
-def refused(proc: subprocess.CompletedProcess, *words: str) -> str:
-    """The process exited 2 with a one-line error (no traceback) containing ``words``."""
-    assert proc.returncode == 2, f"exit {proc.returncode}\nstdout:{proc.stdout}\nstderr:{proc.stderr}"
-    assert "Traceback" not in proc.stderr, proc.stderr
-    for w in words:
-        assert w in proc.stderr, f"{w!r} not in: {proc.stderr}"
-    return proc.stderr
 
 
 def _frozen() -> graph_pb2.GraphDef:

@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
-from digits_models import make_sensitive, train_digits  # noqa: E402
+from digits_models import digits, make_sensitive, one_thread, sensitive, train_digits  # noqa: E402, F401  (fixtures: one_thread, digits, sensitive)
 
 import precision_policy as pp  # noqa: E402
 from precision_policy.inc import AccuracyCriterion, MixedPrecisionConfig, TuningCriterion, mix_precision  # noqa: E402
@@ -17,22 +17,6 @@ from precision_policy.inc import AccuracyCriterion, MixedPrecisionConfig, Tuning
 FP32 = {"activation": {"dtype": ["fp32"]}, "weight": {"dtype": ["fp32"]}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return train_digits()
-
-
-@pytest.fixture()
-def sensitive(digits):
-    return make_sensitive(copy.deepcopy(digits.model))
 
 
 def test_inc_script_runs_unchanged_and_keeps_the_same_layer(digits, sensitive, tmp_path):

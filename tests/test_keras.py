@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -13,23 +16,15 @@ import precision_policy as pp  # noqa: E402
 from precision_policy.keras import apply, layer_graph  # noqa: E402
 from precision_policy.rules import Rule  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from demo_keras import keras_cnn  # noqa: E402  (the model `make demo` trains)
+
 BF16 = pp.RunConfig(precision_mode="allow_mix_precision_bf16", op_info="tf_amp_bf16", use_env_lists=False)
 
 
 def cnn() -> keras.Model:
-    inp = keras.Input((8, 8, 1), name="image")
-    x = keras.layers.Conv2D(32, 3, padding="same", name="conv1")(inp)
-    x = keras.layers.BatchNormalization(name="bn1")(x)
-    x = keras.layers.ReLU(name="relu1")(x)
-    y = keras.layers.Conv2D(32, 3, padding="same", name="conv2")(x)
-    y = keras.layers.ReLU(name="relu2")(y)
-    x = keras.layers.Add(name="residual")([x, y])
-    x = keras.layers.MaxPooling2D(name="maxpool")(x)
-    x = keras.layers.Conv2D(64, 3, padding="same", activation="relu", name="conv3")(x)
-    x = keras.layers.Flatten(name="flat")(x)
-    x = keras.layers.Dense(64, activation="relu", name="hidden")(x)
-    out = keras.layers.Dense(10, name="logits")(x)
-    return keras.Model(inp, out, name="digits_cnn")
+    """The digits CNN `make demo` trains (examples/demo_keras.py)."""
+    return keras_cnn()
 
 
 def test_layer_graph_and_policies_follow_the_plan():

@@ -17,7 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
-from digits_models import make_sensitive, train_digits  # noqa: E402
+from digits_models import digits, make_sensitive, one_thread, sensitive, train_digits  # noqa: E402, F401  (fixtures: one_thread, digits, sensitive)
 
 import precision_policy as pp  # noqa: E402
 from precision_policy.torch import apply, prepare, trace  # noqa: E402
@@ -26,22 +26,6 @@ CFG = pp.RunConfig(precision_mode="allow_mix_precision_bf16", op_info="torch_aut
 SENSITIVE = "8"  # the last Linear's module path in the Sequential
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return train_digits()
-
-
-@pytest.fixture()
-def sensitive(digits):
-    return make_sensitive(copy.deepcopy(digits.model))
 
 
 def bound(n: int) -> int:
