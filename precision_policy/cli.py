@@ -272,6 +272,10 @@ def _byte_size(text: str) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from precision_policy.fileio import refuse_output_over_input
+
+    refuse_output_over_input(Path(args.src), Path(args.dst))  # before TensorFlow loads: refused in a moment
+    _import_tensorflow_quietly()
     try:
         from precision_policy.backends.tensorflow import convert_model
     except ImportError:
@@ -523,8 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: Commands that load TensorFlow (plan/explain only for TF model files).
-_TF_COMMANDS = frozenset({"convert", "audit"})
+#: Commands that load TensorFlow (plan/explain only for TF model files; convert imports it itself, after the
+#: checks that need no TensorFlow, so a mistyped command fails at once).
+_TF_COMMANDS = frozenset({"audit"})
 _TF_SUFFIXES = (".pb", ".pbtxt")
 
 

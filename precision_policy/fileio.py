@@ -460,3 +460,21 @@ def read_input_text(path: str | Path, error: Callable[..., Exception], *, limit:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise error(f"not UTF-8 text ({exc.reason} at byte {exc.start})", file=Path(path)) from None
+
+
+def refuse_output_over_input(src: Path, out: Path) -> None:
+    """An output that is the input (the same path, or the same file through a link), or lies inside an
+    input folder, would destroy the model it is made from: refused before anything is read."""
+    if not os.path.lexists(src):
+        return  # load_model says the input is missing
+    same = False
+    try:
+        same = os.path.lexists(out) and os.path.samefile(src, out)
+    except OSError:
+        pass
+    real_src, real_out = resolve(src), resolve(out)
+    if same or real_src == real_out:
+        raise WriteError(f"the output is the input ({src}); converting in place would destroy it: "
+                         "name a new output file", file=out)
+    if os.path.isdir(src) and real_src in real_out.parents:
+        raise WriteError(f"the output lies inside the input SavedModel {src}: name an output outside it", file=out)

@@ -38,6 +38,12 @@ SERIAL_TESTS = (
 #: Modules whose tests are grouped by their parameter, not by module: the module-scoped fixture is parametrized
 #: (one model per parameter), so each model is still built once, and the models spread over both workers.
 SPLIT_BY_PARAM = ("tests/test_tf_zoo.py",)
+#: The longest single tests (30 s and more on 2 cores): started first, so neither worker waits on one at the end.
+HEAVY_TESTS = (
+    "tests/test_hostile_inputs.py::test_500_mutations",
+    "tests/test_keras_apply.py::",
+    "tests/test_demo_outputs.py::test_keras_demo",
+)
 #: Modules of independent, subprocess-heavy tests with cheap fixtures: each test is its own group, so they spread
 #: over both workers instead of queueing on one.
 SPLIT_BY_TEST = ("tests/test_hostile_inputs.py", "tests/test_demo_outputs.py", "tests/test_files.py",
@@ -90,7 +96,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     weight: dict[str, int] = defaultdict(int)
     for item in items:
-        weight[xdist_group(item.nodeid)] += 20 if item.get_closest_marker("slow") else 1
+        heavy = item.nodeid.startswith(HEAVY_TESTS)
+        weight[xdist_group(item.nodeid)] += 200 if heavy else 20 if item.get_closest_marker("slow") else 1
     items.sort(key=lambda item: -weight[xdist_group(item.nodeid)])  # stable: a group's order (fixture params) is kept
 
 

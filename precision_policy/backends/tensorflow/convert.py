@@ -632,24 +632,6 @@ def _write_graph_file(gd: graph_pb2.GraphDef, out: Path) -> None:
         _write_bytes_atomic(out, gd.SerializeToString(deterministic=True))
 
 
-def _refuse_output_over_input(src: Path, out: Path) -> None:
-    """An output that is the input (the same path, or the same file through a link), or lies inside an
-    input folder, would destroy the model it is made from: refused before anything is read."""
-    if not os.path.lexists(src):
-        return  # load_model says the input is missing
-    same = False
-    try:
-        same = os.path.lexists(out) and os.path.samefile(src, out)
-    except OSError:
-        pass
-    real_src, real_out = fileio.resolve(src), fileio.resolve(out)
-    if same or real_src == real_out:
-        raise WriteError(f"the output is the input ({src}); converting in place would destroy it: "
-                         "name a new output file", file=out)
-    if src.is_dir() and real_src in real_out.parents:
-        raise WriteError(f"the output lies inside the input SavedModel {src}: name an output outside it", file=out)
-
-
 def _check_links(src: Path) -> None:
     """A SavedModel folder whose links lead out of it (or nowhere) is refused, naming the link: copying it
     would put a file from outside the model into the converted one."""
@@ -844,7 +826,7 @@ def convert_model(src: str | Path, dst: str | Path, config: RunConfig, *,
     """
     src_p, out = Path(src), Path(dst)
     to_graph_file = out.suffix in (".pb", ".pbtxt")
-    _refuse_output_over_input(src_p, out)
+    fileio.refuse_output_over_input(src_p, out)
     model = load_model(src_p, tags, all_signatures=not to_graph_file)
     graph_defs = [sg.graph_def for sg in model.signatures.values()] if model.is_tf2 else [model.graph_def]  # type: ignore[union-attr]
     nodes = sum(len(gd.node) for gd in graph_defs)
