@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/plan_scaling.py
 	$(PY) benchmarks/torch_overhead.py
 	$(PY) benchmarks/tf_vs_grappler.py
+	$(PY) benchmarks/report_render.py
 
 # The plan report's system tools, from Debian's packages: Graphviz's `dot` lays the graph out, headless
 # Chromium renders it in tests/test_report.py. apt-get runs only when one of them is missing (sudo unless root).

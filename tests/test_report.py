@@ -11,7 +11,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,11 +24,12 @@ from precision_policy.report.model import build_model
 
 from conftest import EXAMPLES, REPO, graph
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+from report_render import chromium, encoder_graph  # noqa: E402  (the benchmark's graph and browser call)
+
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (make report-deps installs Debian's chromium)")
 needs_dot = pytest.mark.skipif(not dot_available(), reason="Graphviz dot is not installed (make report-deps)")
-#: Where the 5,000-node timings are written (besides the test output), for the README and the lead.
-TIMINGS = REPO / ".pytest_cache" / "report_timings.json"
 
 
 def cli(*args: str | Path, path: str | None = None) -> subprocess.CompletedProcess:
@@ -42,67 +42,17 @@ def cli(*args: str | Path, path: str | None = None) -> subprocess.CompletedProce
                           cwd=REPO, env=env, timeout=120)
 
 
-def encoder_graph(n: int = 5000) -> pp.OpGraph:
-    """A transformer-like graph of ``n`` nodes: repeated ``encoder.layer.K.`` blocks, then a flat-named head."""
-    g = pp.OpGraph("synthetic_encoder")
-    g.add_node("input_ids", "Placeholder", outputs=["float32"])
-    prev = "input_ids:0"
-    layer = 0
-    while len(g) + 35 <= n - 20:
-        p = f"encoder.layer.{layer}."
-
-        def add(name: str, op: str, ins: list[str], outs: tuple[str, ...] = ("float32",), p: str = p) -> str:
-            g.add_node(p + name, op, ins, list(outs))
-            return f"{p}{name}:0"
-
-        def dense(name: str, x: str) -> str:
-            y = add(f"{name}.matmul", "MatMul", [x, add(f"{name}.weight", "Const", [])])
-            return add(f"{name}.bias_add", "BiasAdd", [y, add(f"{name}.bias", "Const", [])])
-
-        q, k, v = dense("attn.q", prev), dense("attn.k", prev), dense("attn.v", prev)
-        s = add("attn.scores", "BatchMatMulV2", [q, k])
-        s = add("attn.softmax", "Softmax", [add("attn.scale", "Mul", [s, add("attn.scale.y", "Const", [])])])
-        o = dense("attn.out", add("attn.context", "BatchMatMulV2", [s, v]))
-        h = add("attn.norm", "LayerNorm", [add("attn.residual", "AddV2", [o, prev]), add("attn.norm.gamma", "Const", []),
-                                           add("attn.norm.beta", "Const", [])])
-        f = dense("ffn.fc2", add("ffn.custom_dropout", "MyFusedDropout", [add("ffn.gelu", "Gelu", [dense("ffn.fc1", h)])]))
-        prev = add("ffn.norm", "LayerNorm", [add("ffn.residual", "AddV2", [f, h]), add("ffn.norm.gamma", "Const", []),
-                                             add("ffn.norm.beta", "Const", [])])
-        layer += 1
-    k = 0
-    while len(g) < n - 1:
-        g.add_node(f"head_w{k}", "Const", [], ["float32"])
-        g.add_node(f"head_mm{k}", "MatMul", [prev, f"head_w{k}:0"], ["float32"])
-        prev = f"head_mm{k}:0"
-        k += 1
-    while len(g) < n:
-        g.add_node("loss", "ReduceMean", [prev], ["float32"])
-        prev = "loss:0"
-    g.set_outputs([prev])
-    return g
-
-
-def chromium(*args: str, tmp: Path, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
-    """Run headless Chromium with its own profile folder; returns the process and its wall time."""
-    assert CHROMIUM is not None
-    cmd = [CHROMIUM, "--headless", "--disable-gpu", "--no-sandbox", "--hide-scrollbars", "--no-first-run",
-           f"--user-data-dir={tmp / 'chromium-profile'}", *args]
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    return r, time.perf_counter() - t0
-
-
-def dump_dom(html: Path, tmp: Path, fragment: str = "") -> tuple[str, float]:
-    r, seconds = chromium("--dump-dom", html.resolve().as_uri() + fragment, tmp=tmp)
+def dump_dom(html: Path, tmp: Path, fragment: str = "") -> str:
+    r = chromium(CHROMIUM, "--dump-dom", html.resolve().as_uri() + fragment, profile=tmp / "chromium-profile")
     assert r.returncode == 0, r.stderr[-2000:]
     assert 'data-ready="1"' in r.stdout, "the report's script did not finish"
-    return r.stdout, seconds
+    return r.stdout
 
 
-def screenshot(html: Path, png: Path, tmp: Path, fragment: str = "") -> float:
-    r, seconds = chromium(f"--screenshot={png}", "--window-size=1400,900", html.resolve().as_uri() + fragment, tmp=tmp)
+def screenshot(html: Path, png: Path, tmp: Path, fragment: str = "") -> None:
+    r = chromium(CHROMIUM, f"--screenshot={png}", "--window-size=1400,900", html.resolve().as_uri() + fragment,
+                 profile=tmp / "chromium-profile")
     assert r.returncode == 0, r.stderr[-2000:]
-    return seconds
 
 
 def png_colours(png: Path) -> set[str]:
@@ -134,7 +84,7 @@ def test_example_plan_report_renders_every_node_in_its_dtype_colour(path: Path, 
     assert result.nodes == len(plan) and result.clusters == 0 and result.edges_complete
     html = out.read_text(encoding="utf-8")
     assert "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "https://" not in html  # nothing fetched
-    dom, _ = dump_dom(out, tmp_path)
+    dom = dump_dom(out, tmp_path)
     nodes = drawn_nodes(dom)
     assert set(nodes) == set(plan.names)
     for d in plan:
@@ -155,7 +105,7 @@ def test_node_reason_rule_and_followed_show_on_click(tmp_path: Path):
     out = tmp_path / "r.html"
     write_report(plan, out)
     gray = next(d for d in plan if d.followed)
-    dom, _ = dump_dom(out, tmp_path, f"#node={gray.name}")
+    dom = dump_dom(out, tmp_path, f"#node={gray.name}")
     side = dom[dom.index('id="side"'):]
     assert gray.op_type in side and gray.rule is not None and gray.rule.value in side and f'data-goto="{gray.followed}"' in side
     assert gray.reason.replace("'", "&#39;") in side
@@ -170,7 +120,7 @@ def test_search_finds_nodes_by_op_type_and_name(tmp_path: Path):
     out = tmp_path / "r.html"
     write_report(plan, out)
     n_softmax = sum(1 for d in plan if "softmax" in d.op_type.lower() or "softmax" in d.name.lower())
-    dom, _ = dump_dom(out, tmp_path, "#q=softmax")
+    dom = dump_dom(out, tmp_path, "#q=softmax")
     assert f"{n_softmax} matches" in dom
     hits = re.findall(r'<g class="nd hit"', dom)
     assert len(hits) == n_softmax and 'class="nd dim"' in dom
@@ -180,42 +130,30 @@ def test_search_finds_nodes_by_op_type_and_name(tmp_path: Path):
 @pytest.mark.slow
 @needs_chromium
 @needs_dot
-def test_5000_node_report_collapses_blocks_and_renders_under_10_s(tmp_path: Path):
+def test_5000_node_report_collapses_blocks_and_renders(tmp_path: Path):
+    """(How fast it generates and renders: benchmarks/report_render.py.)"""
     g = encoder_graph(5000)
     plan = pp.plan(g, pp.RunConfig(precision_mode="allow_mix_precision_bf16", op_info="tf_amp_bf16"))
     assert len(plan) == 5000 and plan.unknown
     out = tmp_path / "big.html"
-    t0 = time.perf_counter()
     result = write_report(plan, out, layout="dot")
-    generate = time.perf_counter() - t0
     assert result.engine == "dot" and result.clusters >= 100 and result.layouts <= 5 and result.drawn < 400
-    dom, render_dom = dump_dom(out, tmp_path)
-    assert render_dom < 10, f"rendering took {render_dom:.1f} s"
+    dom = dump_dom(out, tmp_path)
     assert len(re.findall(r'<g class="cl[^"]*" data-cluster="', dom)) == result.clusters
     assert "×" in dom and "identical" in dom
     png = tmp_path / "big.png"
-    render_png = screenshot(out, png, tmp_path)
-    assert render_png < 10, f"screenshot took {render_png:.1f} s"
+    screenshot(out, png, tmp_path)
     colours = png_colours(png)
     assert DTYPE_COLORS["bfloat16"] in colours and DTYPE_COLORS["float32"] in colours
     # a node inside a collapsed block: the link opens its cluster and shows it in its dtype's colour
     name = "encoder.layer.7.attn.q.matmul"
-    dom, render_open = dump_dom(out, tmp_path, f"#node={name}")
-    assert render_open < 10
+    dom = dump_dom(out, tmp_path, f"#node={name}")
     nodes = drawn_nodes(dom)
     assert nodes[name] == DTYPE_COLORS[plan[name].dtype or ""] == DTYPE_COLORS["bfloat16"]
     assert len(nodes) == sum(1 for n in plan.names if n.startswith("encoder.layer.7."))
     assert "Overview › encoder.layer.7." in dom
     unknown = dom[dom.index('id="unknown-ops"'):]
     assert "MyFusedDropout" in unknown[:3000]
-    timings = {"nodes": 5000, "drawn": result.drawn, "clusters": result.clusters, "generate_s": round(generate, 3),
-               "layout_s": round(result.layout_seconds, 3), "chromium_dump_dom_s": round(render_dom, 3),
-               "chromium_screenshot_s": round(render_png, 3), "chromium_open_cluster_s": round(render_open, 3),
-               "html_bytes": result.bytes}
-    print("\n5,000-node report timings:", json.dumps(timings))
-    TIMINGS.parent.mkdir(exist_ok=True)
-    TIMINGS.write_text(json.dumps(timings, indent=1) + "\n")
-    assert generate < 30, f"generation took {generate:.1f} s"
 
 
 def test_5000_nodes_with_flat_names_are_cut_into_runs():
@@ -277,7 +215,7 @@ def test_audit_and_ranges_are_shown_on_the_graph_and_in_tables(tmp_path: Path):
     a, r, bad = audit_and_ranges(plan, tmp_path)
     out = tmp_path / "r.html"
     write_report(plan, out, audit=a, ranges=r)
-    dom, _ = dump_dom(out, tmp_path, f"#node={bad}")
+    dom = dump_dom(out, tmp_path, f"#node={bad}")
     audit = dom[dom.index('id="audit"'):dom.index('id="ranges"')]
     assert "1 ran other than planned" in audit and "kernel fell back to reference fp32 implementation" in audit
     assert "1.2e+05" in dom[dom.index('id="ranges"'):] and f"keep_dtype: {bad}" in dom

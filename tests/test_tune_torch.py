@@ -110,13 +110,11 @@ def test_timeout_stops_at_a_trial_boundary(digits, sensitive):
         time.sleep(0.3)
         return digits.accuracy(model)
 
-    start = time.monotonic()
     with pytest.raises(pp.TuneError, match="after timeout"):  # the baseline alone takes longer: no trial runs
         pp.tune(sensitive, CFG, slow, timeout=0.1, example_inputs=digits.x_train[:32])
     result = pp.tune(sensitive, CFG, slow, timeout=0.75, example_inputs=digits.x_train[:32])
     assert result.stopped == "timeout" and 2 <= len(result.trials) < 4
     assert SENSITIVE in result.keep_dtype
-    assert time.monotonic() - start < 10
 
 
 def test_save_resume_and_reproduce(digits, sensitive, tmp_path):
