@@ -29,8 +29,6 @@ def load_json_file(path: str | Path, error: Callable[..., Exception], *, unique_
     from precision_policy.fileio import read_input_text  # (regular files only, size-capped: never a FIFO or /dev/zero)
 
     p = Path(path)
-    if "\x00" in str(path):
-        raise error("invalid path: it contains a NUL byte", file=repr(str(path)))
     text = read_input_text(p, error)
     return loads_json_text(text, p, error, unique_keys=unique_keys)
 

@@ -97,7 +97,7 @@ def _os_error(exc: OSError, path: str | Path, what: str = "cannot write") -> Wri
     if isinstance(exc, FileNotFoundError) and not os.path.isdir(parent):
         text = f"folder {parent} does not exist"
     elif isinstance(exc, PermissionError):
-        blocked = _unreadable_folder(Path(path))
+        blocked = unreadable_folder(Path(path))
         if blocked is not None:
             text = f"folder {blocked} cannot be entered (no execute permission)"
         elif os.path.isdir(parent) and not os.access(parent, os.W_OK):
@@ -381,7 +381,7 @@ def _kind(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
 
-def _unreadable_folder(path: Path) -> Path | None:
+def unreadable_folder(path: Path) -> Path | None:
     """The first folder on the way to ``path`` this process may not enter (None if every one can be)."""
     p = path if path.is_absolute() else Path.cwd() / path
     for parent in reversed(p.parents):
@@ -405,6 +405,8 @@ def read_input(path: str | Path, error: Callable[..., Exception], *, limit: int 
         ...
         precision_policy.errors.GraphError: /dev/zero: is a character device, not a regular file; ...
     """
+    if "\x00" in str(path):
+        raise error("invalid path: it contains a NUL byte", file=repr(str(path)))
     p = Path(path)
     limit = limit if limit is not None else (max_input_bytes if max_input_bytes is not None else DEFAULT_MAX_INPUT_BYTES)
     try:
@@ -412,10 +414,10 @@ def read_input(path: str | Path, error: Callable[..., Exception], *, limit: int 
     except FileNotFoundError:
         raise error("file not found", file=p) from None
     except PermissionError:
-        folder = _unreadable_folder(p)
+        folder = unreadable_folder(p)
         where = f"folder {folder} cannot be entered (no execute permission)" if folder else "permission denied"
         raise error(f"cannot read: {where}", file=p) from None
-    except (OSError, ValueError) as exc:  # ENOTDIR, ELOOP, ENAMETOOLONG, a NUL byte in the path...
+    except OSError as exc:  # ENOTDIR, ELOOP, ENAMETOOLONG...
         raise error(f"cannot read: {getattr(exc, 'strerror', None) or exc}", file=p) from None
     if stat.S_ISDIR(st.st_mode):
         raise error("expected a file, found a folder", file=p) from None

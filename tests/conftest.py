@@ -41,7 +41,7 @@ SPLIT_BY_PARAM = ("tests/test_tf_zoo.py",)
 #: The longest single tests (30 s and more on 2 cores): started first, so neither worker waits on one at the end.
 HEAVY_TESTS = (
     "tests/test_hostile_inputs.py::test_500_mutations",
-    "tests/test_demo_outputs.py::test_keras_demo",
+    "tests/test_demo_outputs.py::test_training_demo_writes_plots_and_reports[keras",
 )
 #: Modules of independent, subprocess-heavy tests with cheap fixtures: each test is its own group, so they spread
 #: over both workers instead of queueing on one.

@@ -81,19 +81,6 @@ def test_core_demo_plans_every_mode_on_both_libraries_and_writes_plan_reports(tm
 
 
 @pytest.mark.slow
-def test_torch_demo_writes_plots_and_reports(tmp_path):
-    pytest.importorskip("torch")
-    out = run("demo_torch.py", tmp_path)
-    folder = tmp_path / "torch"
-    for name in ("loss.png", "loss_scale.png", "accuracy.png"):
-        check_png(folder / name)
-    for mode in ("allow_mix_precision_bf16", "allow_mix_precision", "force_fp16", "allow_fp32_to_fp16"):
-        check_report(folder / f"report_{mode}.html")
-    assert "step(s) skipped by the loss scaler" in out  # the float16 runs start at 2**24: early steps overflow
-    assert any(line.endswith("loss_scale.png") for line in files_listed(out))
-
-
-@pytest.mark.slow
 def test_tune_demo_shows_the_table_and_saves_the_result(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("sklearn")
@@ -125,12 +112,15 @@ def test_tensorflow_demo_converts_serves_trains_and_writes_plan_reports(tmp_path
 
 
 @pytest.mark.slow
-def test_keras_demo_writes_plots_and_reports(tmp_path):
-    pytest.importorskip("tensorflow")
-    out = run("demo_keras.py", tmp_path)
-    folder = tmp_path / "keras"
+@pytest.mark.parametrize("framework, script, needs", [("torch", "demo_torch.py", "torch"),
+                                                      ("keras", "demo_keras.py", "tensorflow")])
+def test_training_demo_writes_plots_and_reports(tmp_path, framework, script, needs):
+    pytest.importorskip(needs)
+    out = run(script, tmp_path)
+    folder = tmp_path / framework
     for name in ("loss.png", "loss_scale.png", "accuracy.png"):
         check_png(folder / name)
     for mode in ("allow_mix_precision_bf16", "allow_mix_precision", "force_fp16", "allow_fp32_to_fp16"):
         check_report(folder / f"report_{mode}.html")
-    assert "step(s) skipped by the loss scaler" in out
+    assert "step(s) skipped by the loss scaler" in out  # the float16 runs start at 2**24: early steps overflow
+    assert any(line.endswith("loss_scale.png") for line in files_listed(out))

@@ -283,9 +283,9 @@ def resolve_library_path(spec: str | Path) -> Path:
     p = Path(text).expanduser()
     if os.path.lexists(p):
         return p
-    from precision_policy.fileio import _unreadable_folder
+    from precision_policy.fileio import unreadable_folder
 
-    blocked = _unreadable_folder(p)
+    blocked = unreadable_folder(p)
     if blocked is not None:
         raise OpInfoError(f"cannot read: folder {blocked} cannot be entered (no execute permission)", file=text)
     names = shipped_libraries()
