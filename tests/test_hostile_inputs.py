@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 tf = pytest.importorskip("tensorflow")
@@ -254,6 +255,30 @@ def test_convert_output_is_byte_deterministic_across_hash_seeds_and_gets_the_uma
     assert (tmp_path / "o1.pb").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "sm1").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "sm1" / "saved_model.pb").stat().st_mode & 0o777 == 0o644
+    # and the outputs run: float16 results within float16's rounding of the float32 model's
+    x = np.random.RandomState(0).rand(16, 8).astype("float32")
+    want = _run_pb(pb, x)
+    assert np.abs(_run_pb(tmp_path / "o1.pb", x) - want).max() < 1e-2
+    assert np.abs(_run_saved_model(tmp_path / "sm1", x) - _run_saved_model(tf1_saved_model, x)).max() < 5e-2
+
+
+def _run_pb(path: Path, x: np.ndarray) -> np.ndarray:
+    gd = graph_pb2.GraphDef()
+    gd.ParseFromString(path.read_bytes())
+    with tf.Graph().as_default() as graph:
+        tf.graph_util.import_graph_def(gd, name="")
+        with tf.compat.v1.Session(graph=graph) as sess:
+            out = sess.run("Identity:0", {"x:0": x})
+    assert out.dtype == np.float32
+    return out
+
+
+def _run_saved_model(folder: Path, x: np.ndarray) -> np.ndarray:
+    with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as sess:
+        tf.compat.v1.saved_model.loader.load(sess, ["serve"], str(folder))
+        out = sess.run("y:0", {"x:0": x})
+    assert out.dtype == np.float32
+    return out
 
 
 # ---------------------------------------------------------------------- pin 9: names

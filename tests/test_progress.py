@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("tensorflow")
@@ -38,4 +39,22 @@ def test_converting_a_big_graph_shows_its_stages(tmp_path):
     assert shown.returncode == 0, shown.stderr
     assert "convert big.pbtxt" in shown.stderr and "4/4" in shown.stderr and "loaded 10,053 nodes" in shown.stderr
     # (without --progress, a bar shows only on a terminal: convert_model(progress=None) checks stderr.isatty())
+    x = np.random.RandomState(0).rand(3, 4).astype("float32")
+    want, got = _run(src, x, "r10049:0"), _run(tmp_path / "a.pb", x, "r10049:0")
+    assert got.dtype == np.float32 and np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
+
+
+def _run(path: Path, x: np.ndarray, fetch: str) -> np.ndarray:
+    import tensorflow as tf
+    from google.protobuf import text_format
+
+    gd = tf.compat.v1.GraphDef()
+    if path.suffix == ".pbtxt":
+        text_format.Parse(path.read_text(), gd)
+    else:
+        gd.ParseFromString(path.read_bytes())
+    with tf.Graph().as_default() as graph:
+        tf.graph_util.import_graph_def(gd, name="")
+        with tf.compat.v1.Session(graph=graph) as sess:
+            return sess.run(fetch, {"x:0": x})
 
